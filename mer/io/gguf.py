@@ -1,0 +1,91 @@
+"""GGUF files (llama.cpp's format) through the `gguf` package: metadata and zero-copy
+tensor views, with every failure turned into one line that names the file or tensor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader
+
+from mer.errors import ModelFormatError
+
+# GGUF block type -> mer kind (the names the kernels dispatch on)
+KINDS: dict[GGMLQuantizationType, str] = {
+    GGMLQuantizationType.F32: "f32",
+    GGMLQuantizationType.F16: "f16",
+    GGMLQuantizationType.BF16: "bf16",
+    GGMLQuantizationType.Q8_0: "q8_0",
+    GGMLQuantizationType.Q4_0: "q4_0",
+    GGMLQuantizationType.Q4_1: "q4_1",
+    GGMLQuantizationType.Q5_0: "q5_0",
+    GGMLQuantizationType.Q5_1: "q5_1",
+    GGMLQuantizationType.Q4_K: "q4_k",
+    GGMLQuantizationType.Q5_K: "q5_k",
+    GGMLQuantizationType.Q6_K: "q6_k",
+}
+GGUF_MAGIC = b"GGUF"
+
+
+class GGUFFile:
+    """Metadata and tensors of one GGUF file; tensor data stays memory-mapped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as fh:
+            magic = fh.read(4)
+        if magic != GGUF_MAGIC:
+            raise ModelFormatError(
+                f"{self.path}: not a GGUF file (magic {magic!r}, expected b'GGUF')"
+            )
+        try:
+            self.reader = GGUFReader(self.path, "r")
+        except Exception as err:  # the reader raises bare ValueErrors from numpy on short files
+            raise ModelFormatError(f"{self.path}: truncated or corrupt GGUF file ({err})") from None
+        size = self.path.stat().st_size
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        for t in self.reader.tensors:
+            if t.data_offset + t.n_bytes > size:
+                raise ModelFormatError(
+                    f"{self.path}: truncated GGUF file (tensor {t.name} runs past the end)"
+                )
+
+    def meta(self, key: str, default: Any = ...) -> Any:
+        """Metadata `key` (str, number, bool or list); missing and no default is an error."""
+        field = self.reader.fields.get(key)
+        if field is None:
+            if default is ...:
+                raise ModelFormatError(f"{self.path}: metadata key {key} is missing")
+            return default
+        return field.contents()
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def tensor(self, name: str, shape: tuple[int, ...] | None = None) -> tuple[np.ndarray, str]:
+        """The raw data of tensor `name` and its kind.
+
+        `shape` is in row-major order (outermost first, the reverse of GGUF's ne[]); float
+        tensors come back with that shape, quantized ones as uint8 [rows..., row_bytes].
+        """
+        t = self.tensors.get(name)
+        if t is None:
+            raise ModelFormatError(f"{self.path}: tensor {name} is missing")
+        kind = KINDS.get(t.tensor_type)
+        if kind is None:
+            raise ModelFormatError(
+                f"{self.path}: tensor {name} has block type {t.tensor_type.name}, "
+                "which mer does not support"
+            )
+        actual = tuple(int(d) for d in reversed(t.shape))
+        if shape is not None and actual != tuple(shape):
+            raise ModelFormatError(
+                f"{self.path}: tensor {name} has shape {list(actual)}, expected {list(shape)}"
+            )
+        data = t.data
+        if kind == "bf16":
+            data = data.view(np.uint16)
+        if kind in ("f32", "f16", "bf16"):
+            return data.reshape(actual), kind
+        return data.reshape(*actual[:-1], -1), kind

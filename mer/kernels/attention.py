@@ -1,0 +1,90 @@
+"""Causal grouped-query attention of new tokens over a KV cache.
+
+# n = new tokens, H = query heads, G = KV heads (H % G == 0), hd = head dim,
+# T = cache positions filled (including the new tokens)
+Query i sits at absolute position p0 + i and sees keys at positions max(0, p - W + 1)..p,
+W being the sliding window (None = unbounded), as transformers masks it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(cache=True, nogil=True, fastmath=True, parallel=True)
+def _attention(q, k_cache, v_cache, p0, window, scale, out):  # pragma: no cover - compiled
+    n, h, hd = q.shape
+    g = k_cache.shape[1]
+    group = h // g
+    for job in prange(n * h):
+        t = job // h
+        j = job % h
+        kv = j // group
+        p = p0 + t
+        lo = 0 if window <= 0 else max(0, p - window + 1)
+        scores = np.empty(p + 1 - lo, np.float32)
+        mx = np.float32(-np.inf)
+        for s in range(lo, p + 1):
+            acc = np.float32(0.0)
+            for i in range(hd):
+                acc += q[t, j, i] * k_cache[s, kv, i]
+            acc *= scale
+            scores[s - lo] = acc
+            mx = max(mx, acc)
+        total = np.float32(0.0)
+        for s in range(scores.shape[0]):
+            scores[s] = np.exp(scores[s] - mx)
+            total += scores[s]
+        for i in range(hd):
+            out[t, j, i] = 0.0
+        for s in range(lo, p + 1):
+            w = scores[s - lo] / total
+            for i in range(hd):
+                out[t, j, i] += w * v_cache[s, kv, i]
+
+
+def attention(
+    q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, p0: int, window: int | None = None
+) -> np.ndarray:
+    """Attention output float32 [n, H, hd] for queries q [n, H, hd] at positions p0..p0+n-1.
+
+    k_cache, v_cache: float32 [capacity, G, hd] with positions 0..p0+n-1 filled.
+    """
+    n, h, hd = q.shape
+    if q.dtype != np.float32 or k_cache.dtype != np.float32 or v_cache.dtype != np.float32:
+        raise ValueError("attention: q and caches must be float32")
+    if k_cache.shape != v_cache.shape or k_cache.shape[2] != hd or h % k_cache.shape[1]:
+        raise ValueError(f"attention: q {q.shape} does not fit cache {k_cache.shape}")
+    if p0 + n > k_cache.shape[0]:
+        raise ValueError("attention: positions run past the cache capacity")
+    out = np.empty_like(q)
+    _attention(
+        np.ascontiguousarray(q),
+        k_cache,
+        v_cache,
+        p0,
+        window or 0,
+        np.float32(1.0 / math.sqrt(hd)),
+        out,
+    )
+    return out
+
+
+def attention_reference(
+    q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, p0: int, window: int | None = None
+) -> np.ndarray:
+    n, h, hd = q.shape
+    group = h // k_cache.shape[1]
+    out = np.empty((n, h, hd), np.float64)
+    for t in range(n):
+        p = p0 + t
+        lo = 0 if not window else max(0, p - window + 1)
+        for j in range(h):
+            keys = k_cache[lo : p + 1, j // group].astype(np.float64)
+            s = keys @ q[t, j].astype(np.float64) / math.sqrt(hd)
+            w = np.exp(s - s.max())
+            out[t, j] = (w / w.sum()) @ v_cache[lo : p + 1, j // group]
+    return out.astype(np.float32)

@@ -1,0 +1,182 @@
+# Dimensions: N = output rows (features out), K = input cols (features in), n = tokens.
+#
+# Public entry points for weight packing and x @ W.T. Each weight kind lives in its own module
+# (mm_<kind>.py) exposing KIND, BLOCK, BLOCK_BYTES, from_raw, dequantize, run (and from_array
+# for float kinds); this file only validates arguments and dispatches through _KINDS, so a new
+# kind is one more module in the table.
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import numba
+import numpy as np
+
+from . import mm_bf16, mm_f16, mm_f32, mm_gguf, mm_q4_0, mm_q8_0
+from .quantize import quantize_blocks
+
+_KINDS: dict[str, ModuleType] = {
+    m.KIND: m for m in (mm_f32, mm_f16, mm_bf16, mm_q8_0, mm_q4_0, *mm_gguf.KINDS)
+}
+_FLOAT_DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
+_QUANT_KINDS = ("q8_0", "q4_0")
+_threads = numba.config.NUMBA_NUM_THREADS  # all cores until set_num_threads
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: compare by identity, never array-wise
+class PackedWeight:
+    """A [rows, cols] weight matrix in a kernel-ready layout (see the mm_<kind> modules)."""
+
+    kind: str
+    rows: int
+    cols: int
+    planes: tuple[np.ndarray, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in planes."""
+        return sum(int(p.nbytes) for p in self.planes)
+
+    @property
+    def gguf_nbytes(self) -> int:
+        """Bytes of this matrix in GGUF encoding."""
+        m = _KINDS[self.kind]
+        return self.rows * (self.cols // m.BLOCK) * m.BLOCK_BYTES
+
+    @property
+    def block_size(self) -> int:
+        """Column granularity: 32 for q8_0/q4_0, 1 for float kinds."""
+        return _KINDS[self.kind].BLOCK
+
+
+def _kind(kind: str) -> ModuleType:
+    if kind not in _KINDS:
+        raise ValueError(f"unknown weight kind {kind!r}; known kinds: {', '.join(_KINDS)}")
+    return _KINDS[kind]
+
+
+def pack_float(arr: np.ndarray, kind: str) -> PackedWeight:
+    """Wrap a float matrix: "f32" float32, "f16" float16, "bf16" uint16 raw bfloat16 bits.
+
+    Zero-copy when arr is C-contiguous (arr may be a np.memmap); layout stays row-major.
+    """
+    if kind not in _FLOAT_DTYPES:
+        raise ValueError(f"pack_float: kind must be one of {', '.join(_FLOAT_DTYPES)}, got {kind!r}")
+    want = np.dtype(_FLOAT_DTYPES[kind])
+    if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.dtype != want:
+        got = (getattr(arr, "dtype", type(arr).__name__), getattr(arr, "shape", None))
+        raise ValueError(f"pack_float({kind!r}) needs a 2-D {want} array, got {got[0]} {got[1]}")
+    return PackedWeight(kind, arr.shape[0], arr.shape[1], _KINDS[kind].from_array(arr))
+
+
+def quantize(arr: np.ndarray, kind: str) -> PackedWeight:
+    """float32 [N, K] -> "q8_0" or "q4_0" weight (llama.cpp rounding); K % 32 != 0 -> ValueError."""
+    if kind not in _QUANT_KINDS:
+        raise ValueError(f"quantize: kind must be 'q8_0' or 'q4_0', got {kind!r}")
+    a = np.asarray(arr)
+    if a.ndim != 2 or a.shape[1] % 32 != 0:
+        raise ValueError(f"quantize({kind!r}): need [N, K] with K a multiple of 32, got shape {a.shape}")
+    return from_gguf_blocks(quantize_blocks(a, kind), kind, a.shape[0], a.shape[1])
+
+
+def from_gguf_blocks(raw: np.ndarray, kind: str, rows: int, cols: int) -> PackedWeight:
+    """GGUF block bytes (uint8, row-major) of a [rows, cols] matrix -> PackedWeight.
+
+    Quantized kinds are repacked into their kernel layout; float kinds stay zero-copy views.
+    """
+    m = _kind(kind)
+    if cols % m.BLOCK != 0:
+        raise ValueError(f"{kind} matrix [{rows}, {cols}]: cols must be a multiple of {m.BLOCK}")
+    need = rows * (cols // m.BLOCK) * m.BLOCK_BYTES
+    raw = np.asarray(raw)
+    if raw.dtype != np.uint8 or raw.size != need:
+        raise ValueError(
+            f"{kind} matrix [{rows}, {cols}] needs {need} uint8 bytes, got {raw.size} {raw.dtype}"
+        )
+    raw = np.ascontiguousarray(raw).reshape(-1)
+    return PackedWeight(kind, rows, cols, m.from_raw(raw, rows, cols))
+
+
+def dequantize(w: PackedWeight) -> np.ndarray:
+    """float32 [N, K]; exactly gguf.quants.dequantize of the same blocks."""
+    return _kind(w.kind).dequantize(w.planes, w.rows, w.cols)
+
+
+def _check_range(name: str, rng: tuple[int, int] | None, size: int, align: int) -> tuple[int, int]:
+    if rng is None:
+        return 0, size
+    a, b = (int(v) for v in rng)
+    if not 0 <= a <= b <= size:
+        raise ValueError(f"matmul: {name}={rng} is outside [0, {size}]")
+    if a % align or b % align:
+        raise ValueError(f"matmul: {name}={rng} must be multiples of the block size {align}")
+    return a, b
+
+
+def _check_x(x: np.ndarray, cols: int, what: str) -> None:
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2:
+        got = f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}"
+        raise ValueError(f"{what}: x must be a 2-D float32 [n, {cols}] array, got {got}")
+    if x.shape[1] != cols or x.shape[0] < 1:
+        raise ValueError(f"{what}: x must have shape [n>=1, {cols}], got {x.shape}")
+    if not x.flags.c_contiguous:
+        raise ValueError(f"{what}: x must be C-contiguous (use np.ascontiguousarray)")
+
+
+def _check_out(out: np.ndarray, n: int, rows: int, what: str) -> None:
+    if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != (n, rows):
+        got = f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}"
+        raise ValueError(f"{what}: out must be a float32 [{n}, {rows}] array, got {got}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"{what}: out must be C-contiguous and writeable")
+
+
+def run_kernel(w: PackedWeight, x, out, r0: int, r1: int, c0: int, c1: int, xoff: int, ooff: int):
+    """Unchecked core: out[:, r-ooff] = sum_c x[:, c-xoff] * W[r, c] for r0<=r<r1, c0<=c<c1."""
+    if r1 <= r0:
+        return
+    if c1 <= c0:
+        out[:, r0 - ooff : r1 - ooff] = 0.0
+        return
+    nt = _threads
+    if nt > 1 and numba.get_num_threads() != nt:
+        numba.set_num_threads(nt)  # numba's setting is per calling thread
+    _KINDS[w.kind].run(w.planes, x, out, r0, r1, c0, c1, xoff, ooff, nt)
+
+
+def matmul(
+    w: PackedWeight,
+    x: np.ndarray,
+    out: np.ndarray | None = None,
+    row_range: tuple[int, int] | None = None,
+    col_range: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """out[:, r0:r1] = x[:, c0:c1] @ W[r0:r1, c0:c1].T; other columns of out are untouched.
+
+    x: float32 [n, K] C-contiguous; out: float32 [n, N] (zeros when None). c0, c1 must be
+    multiples of w.block_size. Returns out.
+    """
+    _kind(w.kind)
+    _check_x(x, w.cols, "matmul")
+    if out is None:
+        out = np.zeros((x.shape[0], w.rows), np.float32)
+    _check_out(out, x.shape[0], w.rows, "matmul")
+    r0, r1 = _check_range("row_range", row_range, w.rows, 1)
+    c0, c1 = _check_range("col_range", col_range, w.cols, w.block_size)
+    run_kernel(w, x, out, r0, r1, c0, c1, 0, 0)
+    return out
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by one matmul call (numba prange over row chunks)."""
+    limit = numba.config.NUMBA_NUM_THREADS
+    if not 1 <= int(n) <= limit:
+        raise ValueError(f"set_num_threads: n must be in [1, {limit}], got {n}")
+    global _threads
+    _threads = int(n)
+    numba.set_num_threads(_threads)
+
+
+def get_num_threads() -> int:
+    """Threads matmul currently uses."""
+    return _threads

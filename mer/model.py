@@ -1,0 +1,111 @@
+"""The public model object: `mer.load_model(path)` and what it returns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from mer.errors import ModelFormatError
+from mer.kernels.matmul import set_num_threads
+from mer.models.args import ModelArgs
+from mer.models.transformer import KVCache, Transformer
+from mer.models.weights import ModelWeights
+from mer.sampling import Sampler, SamplingParams
+from mer.tokenizer import Tokenizer
+
+
+class Model:
+    """A loaded model: tokenizer, weights and the forward pass."""
+
+    def __init__(
+        self, args: ModelArgs, weights: ModelWeights, tokenizer: Tokenizer | None, source: Path
+    ) -> None:
+        self.args = args
+        self.weights = weights
+        self.tokenizer = tokenizer
+        self.source = source
+        self.transformer = Transformer(args, weights)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.args)
+
+    def logits(self, token_ids: Sequence[int], chunk_size: int | None = None) -> np.ndarray:
+        """float32 [len(token_ids), vocab]: next-token logits at every position of a fresh sequence.
+
+        chunk_size=None runs one prefill; chunk_size=k feeds k tokens at a time through the KV
+        cache (k=1 is token-by-token decoding). Results agree either way.
+        """
+        ids = np.asarray(token_ids, dtype=np.int64)
+        if ids.ndim != 1 or len(ids) == 0:
+            raise ValueError("logits: token_ids must be a non-empty sequence of ints")
+        cache = self.new_cache()
+        step = len(ids) if chunk_size is None else chunk_size
+        parts = [
+            self.transformer.forward(ids[i : i + step], cache) for i in range(0, len(ids), step)
+        ]
+        return np.concatenate(parts, axis=0)
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        max_tokens: int = 256,
+        stop_ids: frozenset[int] | None = None,
+    ) -> Iterator[int]:
+        """Yield sampled ids until a stop id (not yielded), max_tokens, or the context ends."""
+        if not prompt_ids:
+            raise ValueError("generate: the prompt is empty")
+        sampler = Sampler(params or SamplingParams())
+        if stop_ids is None:
+            stop_ids = self.tokenizer.eos_token_ids if self.tokenizer else frozenset()
+        history = list(prompt_ids)
+        cache = self.new_cache()
+        logits = self.transformer.forward(np.asarray(history), cache, all_logits=False)[0]
+        for _ in range(max_tokens):
+            token = sampler.sample(logits, history)
+            if token in stop_ids:
+                return
+            yield token
+            history.append(token)
+            if cache.length >= self.args.max_seq_len:
+                return
+            logits = self.transformer.forward(np.asarray([token]), cache, all_logits=False)[0]
+
+
+def load_model(
+    path: str | Path,
+    *,
+    quant: str | None = None,
+    threads: int | None = None,
+    max_seq_len: int | None = None,
+) -> Model:
+    """Load a model from a Hugging Face directory or a GGUF file.
+
+    quant: "q8_0" or "q4_0" quantizes expert (FFN) weights on load; threads: kernel threads
+    (default: all cores); max_seq_len: cap the context below the model's own maximum.
+    """
+    from dataclasses import replace
+
+    from mer.models.gguf import load_gguf
+    from mer.models.hf import load_hf_dir
+
+    source = Path(path)
+    if not source.exists():
+        raise ModelFormatError(f"{source}: no such model file or directory")
+    if threads is not None:
+        set_num_threads(threads)
+    if source.is_dir():
+        args, weights = load_hf_dir(source, quant)
+        tokenizer = Tokenizer.from_hf_dir(source) if (source / "tokenizer.json").exists() else None
+    else:
+        if quant is not None:
+            raise ModelFormatError(
+                f"{source}: --quant applies to Hugging Face checkpoints; "
+                "GGUF files are already quantized"
+            )
+        args, weights, tokenizer = load_gguf(source)
+    if max_seq_len is not None:
+        args = replace(args, max_seq_len=min(args.max_seq_len, max_seq_len))
+    return Model(args, weights, tokenizer, source)

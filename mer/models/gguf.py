@@ -1,0 +1,172 @@
+"""Load a GGUF file (architectures llama and mixtral) into kernel-ready weights and a tokenizer.
+
+llama.cpp's converter permutes the rows of the Q and K projections so that RoPE rotates
+adjacent pairs; mer keeps the file's rows and rotates adjacent pairs too (dot products
+between queries and keys are the same either way).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mer.errors import ModelFormatError
+from mer.io.gguf import GGUFFile
+from mer.io.raw import to_float32
+from mer.kernels.matmul import PackedWeight, dequantize, from_gguf_blocks, pack_float
+from mer.models.args import ModelArgs, RopeArgs
+from mer.models.gguf_vocab import build_tokenizer
+from mer.models.weights import Embedding, ExpertWeights, LayerWeights, ModelWeights
+from mer.tokenizer import Tokenizer
+
+ARCHITECTURES = ("llama", "mixtral")
+FLOAT_KINDS = ("f32", "f16", "bf16")
+
+
+def load_gguf(path: Path) -> tuple[ModelArgs, ModelWeights, Tokenizer]:
+    gg = GGUFFile(path)
+    arch = gg.meta("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ModelFormatError(
+            f"{path}: architecture {arch!r} is not supported "
+            f"(supported: {', '.join(ARCHITECTURES)})"
+        )
+    args = _args(gg, arch)
+    backend, add_bos = build_tokenizer(gg)
+    tokens = gg.meta("tokenizer.ggml.tokens")
+    bos_id = gg.meta("tokenizer.ggml.bos_token_id", None)
+    eos_id = gg.meta("tokenizer.ggml.eos_token_id", None)
+    eot_id = gg.meta("tokenizer.ggml.eot_token_id", None)
+    tokenizer = Tokenizer.from_parts(
+        backend,
+        bos_token=tokens[bos_id] if bos_id is not None else None,
+        eos_token=tokens[eos_id] if eos_id is not None else None,
+        chat_template=gg.meta("tokenizer.chat_template", None),
+        eos_token_ids=[i for i in (eos_id, eot_id) if i is not None],
+        add_bos=add_bos,
+    )
+    return args, _Loader(gg, args).model(), tokenizer
+
+
+def _args(gg: GGUFFile, arch: str) -> ModelArgs:
+    def m(key: str, default=...):
+        return gg.meta(f"{arch}.{key}", default)
+
+    dim, n_heads = int(m("embedding_length")), int(m("attention.head_count"))
+    head_dim = int(m("attention.key_length", dim // n_heads))
+    scaling = m("rope.scaling.type", "none")
+    if scaling not in ("none", "linear"):
+        raise ModelFormatError(f"{gg.path}: rope scaling {scaling!r} is not supported")
+    factors = None
+    if gg.has("rope_freqs.weight"):
+        raw, kind = gg.tensor("rope_freqs.weight", (head_dim // 2,))
+        factors = tuple(float(f) for f in to_float32(raw, kind))
+    rope = RopeArgs(
+        theta=float(m("rope.freq_base", 10000.0)),
+        scaling="linear" if scaling == "linear" else "default",
+        factor=float(m("rope.scaling.factor", 1.0)),
+        interleaved=True,
+        freq_factors=factors,
+    )
+    n_experts = int(m("expert_count", 1) or 1)
+    return ModelArgs(
+        arch="mixtral" if n_experts > 1 else "llama",
+        vocab_size=int(m("vocab_size", len(gg.meta("tokenizer.ggml.tokens")))),
+        dim=dim,
+        n_layers=int(m("block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(m("attention.head_count_kv", n_heads)),
+        head_dim=head_dim,
+        ffn_dim=int(m("feed_forward_length")),
+        n_experts=n_experts,
+        n_experts_per_tok=int(m("expert_used_count", 1) or 1),
+        norm_eps=float(m("attention.layer_norm_rms_epsilon", 1e-5)),
+        max_seq_len=int(m("context_length", 4096)),
+        tie_embeddings=not gg.has("output.weight"),
+        rope=rope,
+    )
+
+
+class _Loader:
+    def __init__(self, gg: GGUFFile, args: ModelArgs) -> None:
+        self.gg, self.args = gg, args
+
+    def matrix(self, name: str, rows: int, cols: int) -> PackedWeight:
+        raw, kind = self.gg.tensor(name, (rows, cols))
+        return self.pack(raw, kind, rows, cols)
+
+    @staticmethod
+    def pack(raw: np.ndarray, kind: str, rows: int, cols: int) -> PackedWeight:
+        if kind in FLOAT_KINDS:
+            return pack_float(np.ascontiguousarray(raw), kind)
+        return from_gguf_blocks(np.ascontiguousarray(raw), kind, rows, cols)
+
+    def vector(self, name: str, length: int) -> np.ndarray:
+        raw, kind = self.gg.tensor(name, (length,))
+        if kind not in FLOAT_KINDS:
+            raise ModelFormatError(
+                f"{self.gg.path}: tensor {name} should not be quantized ({kind})"
+            )
+        return np.ascontiguousarray(to_float32(raw, kind))
+
+    def model(self) -> ModelWeights:
+        a = self.args
+        embed_raw, embed_kind = self.gg.tensor("token_embd.weight", (a.vocab_size, a.dim))
+        head_name = "token_embd.weight" if a.tie_embeddings else "output.weight"
+        return ModelWeights(
+            embed=Embedding(embed_raw, embed_kind, a.vocab_size, a.dim),
+            layers=[self.layer(i) for i in range(a.n_layers)],
+            norm=self.vector("output_norm.weight", a.dim),
+            lm_head=self.matrix(head_name, a.vocab_size, a.dim),
+        )
+
+    def layer(self, i: int) -> LayerWeights:
+        a = self.args
+        p = f"blk.{i}."
+        q_dim, kv_dim = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        router = None
+        if a.is_moe:
+            raw, kind = self.gg.tensor(p + "ffn_gate_inp.weight", (a.n_experts, a.dim))
+            router = np.ascontiguousarray(dequantize(self.pack(raw, kind, a.n_experts, a.dim)))
+        return LayerWeights(
+            attn_norm=self.vector(p + "attn_norm.weight", a.dim),
+            wq=self.matrix(p + "attn_q.weight", q_dim, a.dim),
+            wk=self.matrix(p + "attn_k.weight", kv_dim, a.dim),
+            wv=self.matrix(p + "attn_v.weight", kv_dim, a.dim),
+            wo=self.matrix(p + "attn_output.weight", a.dim, q_dim),
+            ffn_norm=self.vector(p + "ffn_norm.weight", a.dim),
+            router=router,
+            experts=self.experts(p) if a.is_moe else [self.dense_ffn(p)],
+        )
+
+    def dense_ffn(self, p: str) -> ExpertWeights:
+        d, f = self.args.dim, self.args.ffn_dim
+        return ExpertWeights(
+            self.matrix(p + "ffn_gate.weight", f, d),
+            self.matrix(p + "ffn_up.weight", f, d),
+            self.matrix(p + "ffn_down.weight", d, f),
+        )
+
+    def experts(self, p: str) -> list[ExpertWeights]:
+        d, f, n = self.args.dim, self.args.ffn_dim, self.args.n_experts
+        if not self.gg.has(p + "ffn_gate_exps.weight"):  # older files: one tensor per expert
+            return [
+                ExpertWeights(
+                    self.matrix(f"{p}ffn_gate.{e}.weight", f, d),
+                    self.matrix(f"{p}ffn_up.{e}.weight", f, d),
+                    self.matrix(f"{p}ffn_down.{e}.weight", d, f),
+                )
+                for e in range(n)
+            ]
+        gate, g_kind = self.gg.tensor(p + "ffn_gate_exps.weight", (n, f, d))
+        up, u_kind = self.gg.tensor(p + "ffn_up_exps.weight", (n, f, d))
+        down, d_kind = self.gg.tensor(p + "ffn_down_exps.weight", (n, d, f))
+        return [
+            ExpertWeights(
+                self.pack(gate[e], g_kind, f, d),
+                self.pack(up[e], u_kind, f, d),
+                self.pack(down[e], d_kind, d, f),
+            )
+            for e in range(n)
+        ]

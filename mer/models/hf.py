@@ -1,0 +1,111 @@
+"""Load a Hugging Face model directory (config.json + safetensors) into kernel-ready weights.
+
+The parts every Llama-family checkpoint shares (embeddings, attention, norms, lm_head) are
+read here; each architecture's module names its FFN tensors (`ffn_tensors`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from mer.errors import ModelFormatError
+from mer.io.raw import to_float32
+from mer.io.safetensors import SafetensorsDir
+from mer.kernels.matmul import PackedWeight, pack_float, quantize
+from mer.models import llama, mixtral
+from mer.models.args import ModelArgs
+from mer.models.weights import Embedding, ExpertWeights, LayerWeights, ModelWeights
+
+ARCHITECTURES: dict[str, ModuleType] = {
+    "LlamaForCausalLM": llama,
+    "MixtralForCausalLM": mixtral,
+}
+QUANT_KINDS = ("q8_0", "q4_0")
+
+
+def read_config(path: Path) -> dict:
+    file = path / "config.json"
+    if not file.exists():
+        raise ModelFormatError(f"{file}: missing (not a Hugging Face model directory)")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelFormatError(f"{file}: invalid JSON ({err})") from None
+
+
+def load_hf_dir(path: Path, quant: str | None = None) -> tuple[ModelArgs, ModelWeights]:
+    """ModelArgs and weights of the model in directory `path`; experts quantized if `quant`."""
+    if quant is not None and quant not in QUANT_KINDS:
+        raise ModelFormatError(f"--quant {quant!r}: choose one of {', '.join(QUANT_KINDS)}")
+    config = read_config(path)
+    names = config.get("architectures") or [config.get("model_type", "?")]
+    module = ARCHITECTURES.get(names[0])
+    if module is None:
+        raise ModelFormatError(
+            f"{path / 'config.json'}: architecture {names[0]} is not supported "
+            f"(supported: {', '.join(ARCHITECTURES)})"
+        )
+    args = module.args_from_config(config, str(path / "config.json"))
+    src = SafetensorsDir(path)
+    loader = _Loader(src, args, quant)
+    return args, loader.model(module)
+
+
+class _Loader:
+    def __init__(self, src: SafetensorsDir, args: ModelArgs, quant: str | None) -> None:
+        self.src, self.args, self.quant = src, args, quant
+
+    def vector(self, name: str) -> np.ndarray:
+        arr, kind = self.src.get(name, (self.args.dim,))
+        return np.ascontiguousarray(to_float32(arr, kind))
+
+    def matrix(self, name: str, shape: tuple[int, int]) -> PackedWeight:
+        arr, kind = self.src.get(name, shape)
+        return pack_float(arr, kind)
+
+    def expert_matrix(self, arr: np.ndarray, kind: str) -> PackedWeight:
+        if self.quant is None:
+            return pack_float(np.ascontiguousarray(arr), kind)
+        return quantize(np.ascontiguousarray(to_float32(arr, kind)), self.quant)
+
+    def model(self, module: ModuleType) -> ModelWeights:
+        a = self.args
+        embed_raw, embed_kind = self.src.get("model.embed_tokens.weight", (a.vocab_size, a.dim))
+        if a.tie_embeddings and not self.src.has("lm_head.weight"):
+            lm_head = pack_float(embed_raw, embed_kind)
+        else:
+            lm_head = self.matrix("lm_head.weight", (a.vocab_size, a.dim))
+        layers = [self.layer(module, i) for i in range(a.n_layers)]
+        return ModelWeights(
+            embed=Embedding(embed_raw, embed_kind, a.vocab_size, a.dim),
+            layers=layers,
+            norm=self.vector("model.norm.weight"),
+            lm_head=lm_head,
+        )
+
+    def layer(self, module: ModuleType, i: int) -> LayerWeights:
+        a = self.args
+        p = f"model.layers.{i}."
+        q_dim, kv_dim = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        router_name, experts = module.ffn_tensors(self.src, a, i)
+        router = None
+        if router_name is not None:
+            arr, kind = self.src.get(router_name, (a.n_experts, a.dim))
+            router = np.ascontiguousarray(to_float32(arr, kind))
+        return LayerWeights(
+            attn_norm=self.vector(p + "input_layernorm.weight"),
+            wq=self.matrix(p + "self_attn.q_proj.weight", (q_dim, a.dim)),
+            wk=self.matrix(p + "self_attn.k_proj.weight", (kv_dim, a.dim)),
+            wv=self.matrix(p + "self_attn.v_proj.weight", (kv_dim, a.dim)),
+            wo=self.matrix(p + "self_attn.o_proj.weight", (a.dim, q_dim)),
+            ffn_norm=self.vector(p + "post_attention_layernorm.weight"),
+            router=router,
+            experts=[
+                ExpertWeights(*(self.expert_matrix(arr, kind) for arr, kind in triple))
+                for triple in experts
+            ],
+        )

@@ -1,0 +1,109 @@
+"""The decoder forward pass shared by Llama and Mixtral.
+
+# n = tokens in this call, D = hidden, H = query heads, G = KV heads, hd = head dim,
+# E = experts, A = active experts per token, V = vocabulary
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mer.kernels.attention import attention
+from mer.kernels.matmul import matmul
+from mer.kernels.rmsnorm import rmsnorm
+from mer.kernels.rope import apply_rope, inv_frequencies, rope_tables
+from mer.kernels.router import route
+from mer.kernels.swiglu import expert_forward
+from mer.models.args import ModelArgs
+from mer.models.weights import LayerWeights, ModelWeights
+
+
+class KVCache:
+    """Keys and values of one sequence, float32 [capacity, G, hd] per layer; grows on demand."""
+
+    def __init__(self, args: ModelArgs, capacity: int = 256) -> None:
+        self.args = args
+        self.length = 0
+        self.capacity = 0
+        self.k: list[np.ndarray] = []
+        self.v: list[np.ndarray] = []
+        self.reserve(capacity)
+
+    def reserve(self, needed: int) -> None:
+        if needed > self.args.max_seq_len:
+            raise ValueError(
+                f"context of {needed} tokens exceeds the model's maximum of {self.args.max_seq_len}"
+            )
+        if needed <= self.capacity:
+            return
+        capacity = min(self.args.max_seq_len, max(needed, 2 * self.capacity))
+        shape = (capacity, self.args.n_kv_heads, self.args.head_dim)
+        grown_k = [np.zeros(shape, np.float32) for _ in range(self.args.n_layers)]
+        grown_v = [np.zeros(shape, np.float32) for _ in range(self.args.n_layers)]
+        for old, new in zip(self.k + self.v, grown_k + grown_v, strict=False):  # empty at first
+            new[: self.length] = old[: self.length]
+        self.k, self.v, self.capacity = grown_k, grown_v, capacity
+
+
+class Transformer:
+    """Runs tokens through the decoder, appending their keys and values to a KVCache."""
+
+    def __init__(self, args: ModelArgs, weights: ModelWeights) -> None:
+        self.args = args
+        self.weights = weights
+        self.inv_freq = inv_frequencies(args.rope, args.head_dim)
+
+    def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = True) -> np.ndarray:
+        """Logits float32 [n, V] (or [1, V] for the last token only) for tokens [n]."""
+        args = self.args
+        tokens = np.asarray(tokens, dtype=np.int64)
+        n, p0 = len(tokens), cache.length
+        if n == 0:
+            raise ValueError("forward: no tokens")
+        cache.reserve(p0 + n)
+        cos, sin = rope_tables(self.inv_freq, np.arange(p0, p0 + n))
+        x = self.weights.embed.lookup(tokens)
+        for index, layer in enumerate(self.weights.layers):
+            x = x + self._attention(
+                layer, rmsnorm(x, layer.attn_norm, args.norm_eps), cache, index, cos, sin
+            )
+            x = x + self._ffn(layer, rmsnorm(x, layer.ffn_norm, args.norm_eps))
+        cache.length = p0 + n
+        if not all_logits:
+            x = x[-1:]
+        return matmul(self.weights.lm_head, rmsnorm(x, self.weights.norm, args.norm_eps))
+
+    def _attention(
+        self,
+        layer: LayerWeights,
+        h: np.ndarray,
+        cache: KVCache,
+        index: int,
+        cos: np.ndarray,
+        sin: np.ndarray,
+    ) -> np.ndarray:
+        args = self.args
+        n, p0 = h.shape[0], cache.length
+        q = matmul(layer.wq, h).reshape(n, args.n_heads, args.head_dim)
+        k = matmul(layer.wk, h).reshape(n, args.n_kv_heads, args.head_dim)
+        v = matmul(layer.wv, h).reshape(n, args.n_kv_heads, args.head_dim)
+        apply_rope(q, cos, sin, args.rope.interleaved)
+        apply_rope(k, cos, sin, args.rope.interleaved)
+        cache.k[index][p0 : p0 + n] = k
+        cache.v[index][p0 : p0 + n] = v
+        out = attention(q, cache.k[index], cache.v[index], p0, args.sliding_window)
+        return matmul(layer.wo, out.reshape(n, args.n_heads * args.head_dim))
+
+    def _ffn(self, layer: LayerWeights, h: np.ndarray) -> np.ndarray:
+        if layer.router is None:
+            expert = layer.experts[0]
+            return expert_forward(expert.gate, expert.up, expert.down, h)
+        chosen, weights = route(h @ layer.router.T, self.args.n_experts_per_tok)  # [n, A]
+        out = np.zeros_like(h)
+        # Each expert runs once over all the tokens routed to it.
+        for e in np.unique(chosen):
+            rows, slots = np.nonzero(chosen == e)
+            expert = layer.experts[e]
+            y = expert_forward(expert.gate, expert.up, expert.down, np.ascontiguousarray(h[rows]))
+            out[rows] += weights[rows, slots][:, None] * y
+        return out

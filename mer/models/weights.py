@@ -1,0 +1,61 @@
+"""Kernel-ready weights of a Llama-family decoder, whatever file they came from."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from mer.io.raw import to_float32
+from mer.kernels.matmul import PackedWeight, dequantize, from_gguf_blocks
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """One SwiGLU expert. gate, up: [I, D]; down: [D, I]."""
+
+    gate: PackedWeight
+    up: PackedWeight
+    down: PackedWeight
+
+    @property
+    def gguf_nbytes(self) -> int:
+        return self.gate.gguf_nbytes + self.up.gguf_nbytes + self.down.gguf_nbytes
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    attn_norm: np.ndarray  # float32 [D]
+    wq: PackedWeight  # [H*hd, D]
+    wk: PackedWeight  # [G*hd, D]
+    wv: PackedWeight  # [G*hd, D]
+    wo: PackedWeight  # [D, H*hd]
+    ffn_norm: np.ndarray  # float32 [D]
+    router: np.ndarray | None  # float32 [E, D]; None for a dense FFN (one expert, always chosen)
+    experts: Sequence[ExpertWeights]
+
+
+class Embedding:
+    """Token embedding table [V, D]: float rows are converted on lookup, quantized rows
+    are dequantized on lookup, so the table itself stays in the file's encoding."""
+
+    def __init__(self, raw: np.ndarray, kind: str, vocab_size: int, dim: int) -> None:
+        self.raw, self.kind, self.vocab_size, self.dim = raw, kind, vocab_size, dim
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        """float32 [n, D] rows for token ids [n]."""
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"token id out of range 0..{self.vocab_size - 1}")
+        rows = np.ascontiguousarray(self.raw[ids])
+        if self.kind in ("f32", "f16", "bf16"):
+            return to_float32(rows, self.kind)
+        return dequantize(from_gguf_blocks(rows, self.kind, len(ids), self.dim))
+
+
+@dataclass(frozen=True)
+class ModelWeights:
+    embed: Embedding
+    layers: Sequence[LayerWeights]
+    norm: np.ndarray  # float32 [D]
+    lm_head: PackedWeight  # [V, D]

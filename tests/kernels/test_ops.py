@@ -1,0 +1,116 @@
+"""RMSNorm, RoPE, attention and the router against their NumPy references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mer.kernels.attention import attention, attention_reference
+from mer.kernels.rmsnorm import rmsnorm, rmsnorm_reference
+from mer.kernels.rope import apply_rope, apply_rope_reference, inv_frequencies, rope_tables
+from mer.kernels.router import route, route_reference
+from mer.models.args import RopeArgs
+
+rng = np.random.default_rng(7)
+
+
+def randn(*shape: int) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("n,d", [(1, 1), (3, 33), (17, 100), (5, 4096)])
+def test_rmsnorm(n, d):
+    x, w = randn(n, d), randn(d)
+    np.testing.assert_allclose(
+        rmsnorm(x, w, 1e-5), rmsnorm_reference(x, w, 1e-5), rtol=2e-5, atol=1e-6
+    )
+
+
+def test_rmsnorm_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="shapes"):
+        rmsnorm(randn(2, 8), randn(9), 1e-5)
+    with pytest.raises(ValueError, match="float32"):
+        rmsnorm(randn(2, 8).astype(np.float64), randn(8), 1e-5)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("n,h,hd", [(1, 1, 2), (7, 3, 10), (13, 4, 64)])
+def test_rope(n, h, hd, interleaved):
+    inv = inv_frequencies(RopeArgs(theta=10000.0), hd)
+    cos, sin = rope_tables(inv, np.arange(5, 5 + n))
+    x = randn(n, h, hd)
+    y = x.copy()
+    apply_rope(y, cos, sin, interleaved)
+    np.testing.assert_allclose(
+        y, apply_rope_reference(x, cos, sin, interleaved), rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "rope_parameters",
+    [
+        {"rope_type": "default", "rope_theta": 10000.0},
+        {"rope_type": "linear", "rope_theta": 50000.0, "factor": 4.0},
+        {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ],
+)
+def test_inverse_frequencies_match_transformers(rope_parameters):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from mer.models.args import rope_from_hf
+
+    config = LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=2,
+        max_position_embeddings=1024,
+        rope_parameters=rope_parameters,
+    )
+    kind = rope_parameters["rope_type"]
+    if kind == "default":
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        expected, _ = LlamaRotaryEmbedding.compute_default_rope_parameters(config)
+    else:
+        expected, _ = ROPE_INIT_FUNCTIONS[kind](config, torch.device("cpu"))
+    got = inv_frequencies(rope_from_hf(config.to_dict()), 32)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("window", [None, 1, 5])
+@pytest.mark.parametrize(
+    "n,p0,h,g,hd", [(1, 0, 1, 1, 4), (1, 30, 8, 2, 16), (9, 4, 6, 3, 7), (20, 0, 4, 4, 32)]
+)
+def test_attention(n, p0, h, g, hd, window):
+    q = randn(n, h, hd)
+    k, v = randn(p0 + n + 3, g, hd), randn(p0 + n + 3, g, hd)
+    got = attention(q, k, v, p0, window)
+    np.testing.assert_allclose(got, attention_reference(q, k, v, p0, window), rtol=1e-4, atol=1e-5)
+
+
+def test_attention_rejects_overflow():
+    with pytest.raises(ValueError, match="capacity"):
+        attention(randn(4, 2, 8), randn(4, 1, 8), randn(4, 1, 8), 2)
+
+
+@pytest.mark.parametrize("n,e,k", [(1, 2, 1), (9, 8, 2), (33, 5, 3), (4, 64, 6)])
+def test_router(n, e, k):
+    logits = randn(n, e) * 3
+    idx, w = route(logits, k)
+    ref_idx, ref_w = route_reference(logits, k)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(w, ref_w, rtol=1e-5)
+    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_router_rejects_bad_k():
+    with pytest.raises(ValueError, match="k=9"):
+        route(randn(2, 8), 9)

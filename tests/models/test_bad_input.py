@@ -1,0 +1,88 @@
+"""Broken model directories: `mer generate` exits non-zero with one line naming the culprit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.hf_models import build_model, save_model
+
+
+def run_generate(model_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mer.cli", "generate", "--model", str(model_dir), "--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def good_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("good")
+    save_model(build_model("mixtral-base"), directory, "f32", max_shard_size="60KB")
+    return directory
+
+
+def copy_dir(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_missing_shard(good_dir, tmp_path):
+    d = copy_dir(good_dir, tmp_path / "m")
+    shard = sorted(d.glob("*.safetensors"))[1]
+    shard.unlink()
+    assert_one_line_error(run_generate(d), shard.name, "missing")
+
+
+def test_truncated_safetensors(good_dir, tmp_path):
+    d = copy_dir(good_dir, tmp_path / "m")
+    shard = sorted(d.glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 1000])
+    assert_one_line_error(run_generate(d), shard.name)
+
+
+def test_unknown_architecture(good_dir, tmp_path):
+    d = copy_dir(good_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["FancyNewForCausalLM"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(run_generate(d), "config.json", "FancyNewForCausalLM")
+
+
+def test_wrong_tensor_shape(good_dir, tmp_path):
+    d = copy_dir(good_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 128  # the expert tensors on disk are 96 wide
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(
+        run_generate(d), "model.layers.0.block_sparse_moe.experts.0.w1.weight", "shape"
+    )
+
+
+def test_missing_tensor(good_dir, tmp_path):
+    d = copy_dir(good_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_hidden_layers"] = 3
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(run_generate(d), "model.layers.2.", "missing")
+
+
+def test_not_a_model(tmp_path):
+    assert_one_line_error(run_generate(tmp_path / "nowhere"), "nowhere")

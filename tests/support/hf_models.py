@@ -1,0 +1,163 @@
+"""Tiny random Hugging Face models, built offline with transformers, for reference tests."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+# A variety of shapes and position schemes; every hidden/intermediate size is a multiple of 32
+# so the same models can be quantized to GGUF blocks.
+CONFIGS: dict[str, dict] = {
+    "mixtral-base": dict(
+        arch="mixtral",
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    ),
+    "mixtral-mqa-window": dict(
+        arch="mixtral",
+        hidden_size=96,
+        intermediate_size=128,
+        num_attention_heads=6,
+        num_key_value_heads=1,
+        head_dim=32,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        sliding_window=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
+    "mixtral-top3-linear": dict(
+        arch="mixtral",
+        hidden_size=64,
+        intermediate_size=64,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        num_local_experts=5,
+        num_experts_per_tok=3,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0},
+    ),
+    "llama-llama3rope": dict(
+        arch="llama",
+        hidden_size=64,
+        intermediate_size=160,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        rope_parameters={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "rope_theta": 500000.0,
+        },
+    ),
+    "llama-tied-headdim": dict(
+        arch="llama",
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
+}
+
+TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def build_model(name: str, seed: int = 0, vocab_size: int = 512, n_layers: int = 2):
+    """A random transformers model (float32) for CONFIGS[name]."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    spec = dict(CONFIGS[name])
+    arch = spec.pop("arch")
+    common = dict(
+        vocab_size=vocab_size,
+        num_hidden_layers=n_layers,
+        max_position_embeddings=1024,
+        initializer_range=0.1,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    if arch == "mixtral":
+        model = MixtralForCausalLM(MixtralConfig(**common, **spec))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common, **spec))
+    # Norm weights start at 1.0; randomise them so a mix-up of norms cannot pass unnoticed.
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def save_model(
+    model, directory: Path, dtype: str = "f32", max_shard_size: str | None = None
+) -> Path:
+    """save_pretrained in `dtype`; returns the directory.
+
+    The model stays float32 but its parameters are rounded to `dtype`, so it computes on
+    exactly the saved weights. (Casting the model itself would also round buffers such as
+    RoPE's inverse frequencies, making the reference less exact than it should be.)
+    """
+    torch_dtype = TORCH_DTYPES[dtype]
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    copy.deepcopy(model).to(torch_dtype).save_pretrained(directory, **kwargs)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch_dtype).float())
+    return directory
+
+
+def expert_tensor_names(model) -> list[str]:
+    """The FFN weight names of a transformers Llama or Mixtral model."""
+    return [
+        n for n, _ in model.named_parameters() if ".mlp." in n and not n.endswith("mlp.gate.weight")
+    ]
+
+
+def dequantize_experts(model, kind: str) -> None:
+    """Replace FFN weights in place by gguf's dequantize(quantize(w)) — the values a quantized
+    mer model computes with, produced by llama.cpp's own Python package."""
+    qtype = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}[kind]
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in expert_tensor_names(model):
+            p = params[name]
+            w = p.detach().float().numpy()
+            flat = w.reshape(-1, w.shape[-1])
+            deq = dequantize(quantize(flat, qtype), qtype).reshape(w.shape)
+            p.copy_(torch.from_numpy(np.ascontiguousarray(deq)))
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    """All-position float32 logits [n, V] from transformers."""
+    with torch.no_grad():
+        out = model(torch.tensor([ids]))
+    return out.logits[0].float().numpy()
+
+
+def hf_greedy(model, ids: list[int], n_new: int) -> list[int]:
+    """n_new greedy tokens from transformers, ignoring end-of-sequence tokens."""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n_new):
+            logits = model(torch.tensor([seq])).logits[0, -1]
+            seq.append(int(torch.argmax(logits)))
+    return seq[len(ids) :]
+
+
+def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
+    """Largest absolute difference relative to the largest reference magnitude."""
+    return float(np.abs(a.astype(np.float64) - ref).max() / np.abs(ref).max())
