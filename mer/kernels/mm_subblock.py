@@ -16,26 +16,51 @@ from numba import njit, prange
 
 @njit(cache=True, nogil=True, fastmath=True)
 def _rows(q, s, m, x, xsum, out, r0, r1, c0, c1, xoff, ooff, sub, has_min):  # pragma: no cover
-    n = x.shape[0]
+    # n = 1: one pass over the row, sub-block sums scaled once each.
     g0, g1 = c0 // sub, c1 // sub
     for r in range(r0, r1):
+        total = np.float32(0.0)
+        for g in range(g0, g1):
+            base = g * sub
+            acc = np.float32(0.0)
+            for k in range(sub):
+                acc += np.float32(q[r, base + k]) * x[0, base + k - xoff]
+            total += s[r, g] * acc
+            if has_min:
+                total += m[r, g] * xsum[0, g - g0]
+        out[0, r - ooff] = total
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _rows_batch(q, s, m, x, out, r0, r1, c0, c1, xoff, ooff, sub, has_min):  # pragma: no cover
+    # n > 1: dequantize each row once into a float buffer, then plain dot products per token.
+    n = x.shape[0]
+    w = np.empty(c1 - c0, np.float32)
+    for r in range(r0, r1):
+        for g in range(c0 // sub, c1 // sub):
+            sc = s[r, g]
+            mn = m[r, g] if has_min else np.float32(0.0)
+            for k in range(g * sub, (g + 1) * sub):
+                w[k - c0] = sc * np.float32(q[r, k]) + mn
         for t in range(n):
-            total = np.float32(0.0)
-            for g in range(g0, g1):
-                base = g * sub
-                acc = np.float32(0.0)
-                for k in range(sub):
-                    acc += np.float32(q[r, base + k]) * x[t, base + k - xoff]
-                total += s[r, g] * acc
-                if has_min:
-                    total += m[r, g] * xsum[t, g - g0]
-            out[t, r - ooff] = total
+            acc = np.float32(0.0)
+            for k in range(c1 - c0):
+                acc += w[k] * x[t, k + c0 - xoff]
+            out[t, r - ooff] = acc
 
 
 @njit(cache=True, nogil=True, fastmath=True, parallel=True)
 def _run(q, s, m, x, out, r0, r1, c0, c1, xoff, ooff, sub, has_min, chunks):  # pragma: no cover
     n = x.shape[0]
     g0, g1 = c0 // sub, c1 // sub
+    step = (r1 - r0 + chunks - 1) // chunks
+    if n > 1:
+        for c in prange(chunks):
+            a = r0 + c * step
+            b = min(r1, a + step)
+            if a < b:
+                _rows_batch(q, s, m, x, out, a, b, c0, c1, xoff, ooff, sub, has_min)
+        return
     # Per sub-block sums of x serve the min term of every row.
     xsum = np.zeros((n, g1 - g0), np.float32)
     for t in range(n):
@@ -44,7 +69,6 @@ def _run(q, s, m, x, out, r0, r1, c0, c1, xoff, ooff, sub, has_min, chunks):  # 
             for k in range(g * sub, (g + 1) * sub):
                 acc += x[t, k - xoff]
             xsum[t, g - g0] = acc
-    step = (r1 - r0 + chunks - 1) // chunks
     for c in prange(chunks):
         a = r0 + c * step
         b = min(r1, a + step)
