@@ -75,8 +75,10 @@ CONFIGS: dict[str, dict] = {
 TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
-def build_model(name: str, seed: int = 0, vocab_size: int = 512, n_layers: int = 2):
-    """A random transformers model (float32) for CONFIGS[name]."""
+def build_model(
+    name: str, seed: int = 0, vocab_size: int = 512, n_layers: int = 2, init_std: float = 0.1
+):
+    """A random transformers model (float32) for CONFIGS[name]; weights drawn with std init_std."""
     from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
     spec = dict(CONFIGS[name])
@@ -85,7 +87,7 @@ def build_model(name: str, seed: int = 0, vocab_size: int = 512, n_layers: int =
         vocab_size=vocab_size,
         num_hidden_layers=n_layers,
         max_position_embeddings=1024,
-        initializer_range=0.1,
+        initializer_range=init_std,
         bos_token_id=1,
         eos_token_id=2,
     )
@@ -161,3 +163,27 @@ def hf_greedy(model, ids: list[int], n_new: int) -> list[int]:
 def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
     """Largest absolute difference relative to the largest reference magnitude."""
     return float(np.abs(a.astype(np.float64) - ref).max() / np.abs(ref).max())
+
+
+def train_briefly(
+    model, sequences: list[list[int]], steps: int = 150, lr: float = 3e-3, seed: int = 0
+):
+    """A few hundred AdamW steps of next-token training on `sequences`.
+
+    A random model's next-token distributions are nearly flat, so any reference that rounds
+    activations (llama.cpp quantizes them to 8 bits) flips near-tied top-1 choices at random;
+    a briefly trained model has peaked predictions, like a real one.
+    """
+    torch.manual_seed(seed)
+    width = max(len(s) for s in sequences)
+    batch = torch.tensor([s + [s[-1]] * (width - len(s)) for s in sequences])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+    labels = batch.masked_fill(mask == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(batch, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()

@@ -174,3 +174,38 @@ def write_tokenizer(directory: Path, style: str = "chatml") -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "tokenizer.json").write_text(tokenizer_json + "\n", encoding="utf-8")
     (directory / "tokenizer_config.json").write_text(config_json + "\n", encoding="utf-8")
+
+
+def write_sentencepiece(directory: Path, vocab_size: int = 400) -> Path:
+    """A real SentencePiece BPE model (tokenizer.model, byte fallback) trained on CORPUS,
+    plus a tokenizer_config.json with the Mixtral chat template — the files Mistral ships."""
+    import io
+
+    import sentencepiece as spm
+
+    directory.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS.splitlines() * 4),
+        model_writer=buffer,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    path = directory / "tokenizer.model"
+    path.write_bytes(buffer.getvalue())
+    config = {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "chat_template": LLAMA_TEMPLATE,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return path
