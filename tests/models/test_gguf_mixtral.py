@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import gguf
-
 import numpy as np
 import pytest
 from sentencepiece import SentencePieceProcessor
