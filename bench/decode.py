@@ -28,7 +28,9 @@ def mer_decode(model, ids: list[int], n_tokens: int) -> tuple[float, list[int]]:
     """Decode tokens/s (prefill excluded) and the tokens."""
     stamps: list[float] = []
     out: list[int] = []
-    for token in model.generate(ids, SamplingParams(temperature=0.0), n_tokens, stop_ids=frozenset()):
+    for token in model.generate(
+        ids, SamplingParams(temperature=0.0), n_tokens, stop_ids=frozenset()
+    ):
         stamps.append(time.perf_counter())
         out.append(token)
     return (len(stamps) - 1) / (stamps[-1] - stamps[0]), out
@@ -61,8 +63,12 @@ def main() -> None:
     model = mer.load_model(path, threads=opts.threads)
     ids = model.tokenizer.encode(PROMPT)
     llm = llama_cpp.Llama(
-        model_path=str(path), n_ctx=512, n_threads=opts.threads, n_threads_batch=opts.threads,
-        logits_all=True, verbose=False,  # keeps a logits row per position
+        model_path=str(path),
+        n_ctx=512,
+        n_threads=opts.threads,
+        n_threads_batch=opts.threads,
+        logits_all=True,
+        verbose=False,  # keeps a logits row per position
     )
     mer_decode(model, ids, 4)  # compile and warm up
     llama_decode(llm, ids, 4)
@@ -75,7 +81,8 @@ def main() -> None:
         mer_rates.append(rate_m)
         same = float(np.mean(np.array(toks_m) == np.array(toks_l)))
     m, l_ = statistics.median(mer_rates), statistics.median(llama_rates)
-    print(f"model: {path.name}, prompt {len(ids)} tokens, {opts.tokens} decoded, {opts.threads} threads")
+    print(f"model: {path.name}, prompt {len(ids)} tokens, {opts.tokens} decoded")
+    print(f"threads: {opts.threads} for both engines")
     print(f"greedy tokens identical to llama.cpp's: {same:.0%}")
     print()
     print(f"{'engine':<12}{'decode tok/s':>14}")
