@@ -108,6 +108,73 @@ def _run_models(opts: argparse.Namespace) -> int:
     return 0
 
 
+def _add_trace(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("trace", help="record routing traces and simulate cache policies on them")
+    tsub = p.add_subparsers(dest="trace_command", required=True)
+    rec = tsub.add_parser("record", help="record which experts each layer uses while generating")
+    rec.add_argument("--model", required=True, help="a Mixture-of-Experts model")
+    rec.add_argument("--prompt", required=True)
+    rec.add_argument("--max-tokens", type=int, default=64)
+    rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument("--out", required=True, help="trace file to write (JSON)")
+    rec.set_defaults(run=_run_trace_record)
+    sim = tsub.add_parser("simulate", help="hit rates of LRU, mer's policy and Belady's MIN")
+    sim.add_argument("trace", help="a trace file from `mer trace record`")
+    sim.add_argument(
+        "--capacity",
+        type=float,
+        nargs="+",
+        default=[0.1, 0.25, 0.5],
+        help="cache sizes: fractions of all experts (<= 1) or slot counts",
+    )
+    sim.set_defaults(run=_run_trace_simulate)
+
+
+def _run_trace_record(opts: argparse.Namespace) -> int:
+    from mer.cache.trace import RoutingTrace
+    from mer.model import load_model
+    from mer.sampling import SamplingParams
+
+    model = load_model(opts.model)
+    if not model.args.is_moe:
+        raise MerError(
+            f"{opts.model}: not a Mixture-of-Experts model, there is no routing to trace"
+        )
+    trace = RoutingTrace(model.args.n_layers, model.args.n_experts)
+    model.transformer.router_trace = trace
+    ids = model.tokenizer.encode(opts.prompt) if model.tokenizer else [1]
+    params = SamplingParams(temperature=0.8, seed=opts.seed)
+    for _ in model.generate(ids, params, opts.max_tokens, stop_ids=frozenset()):
+        pass
+    trace.save(opts.out)
+    print(f"{len(trace.steps)} steps x {trace.n_layers} layers written to {opts.out}")
+    return 0
+
+
+def _run_trace_simulate(opts: argparse.Namespace) -> int:
+    from mer.cache.trace import (
+        RoutingTrace,
+        capacity_slots,
+        simulate_belady,
+        simulate_lru,
+        simulate_mer,
+    )
+
+    trace = RoutingTrace.load(opts.trace)
+    accesses = trace.accesses()
+    total = trace.n_layers * trace.n_experts
+    print(f"{len(accesses)} expert accesses over {len(trace.steps)} steps, {total} experts")
+    print(f"{'capacity':>10}{'slots':>7}{'LRU':>8}{'mer':>8}{'Belady':>8}{'mer/Belady':>12}")
+    for spec in opts.capacity:
+        slots = capacity_slots(spec, trace.n_layers, trace.n_experts)
+        lru, ours, best = (
+            f(accesses, slots) for f in (simulate_lru, simulate_mer, simulate_belady)
+        )
+        ratio = ours / best if best else 1.0
+        print(f"{slots / total:>10.0%}{slots:>7}{lru:>8.3f}{ours:>8.3f}{best:>8.3f}{ratio:>12.2f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mer", description="Mixture-of-Experts inference on the CPU"
@@ -115,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     sub.add_parser("models", help="list where models come from").set_defaults(run=_run_models)
+    _add_trace(sub)
     return parser
 
 

@@ -57,19 +57,21 @@ class Model:
         """Yield sampled ids until a stop id (not yielded), max_tokens, or the context ends."""
         if not prompt_ids:
             raise ValueError("generate: the prompt is empty")
+        if max_tokens <= 0:
+            return
         sampler = Sampler(params or SamplingParams())
         if stop_ids is None:
             stop_ids = self.tokenizer.eos_token_ids if self.tokenizer else frozenset()
         history = list(prompt_ids)
         cache = self.new_cache()
         logits = self.transformer.forward(np.asarray(history), cache, all_logits=False)[0]
-        for _ in range(max_tokens):
+        for i in range(max_tokens):
             token = sampler.sample(logits, history)
             if token in stop_ids:
                 return
             yield token
             history.append(token)
-            if cache.length >= self.args.max_seq_len:
+            if i + 1 == max_tokens or cache.length >= self.args.max_seq_len:
                 return
             logits = self.transformer.forward(np.asarray([token]), cache, all_logits=False)[0]
 

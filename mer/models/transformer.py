@@ -52,6 +52,7 @@ class Transformer:
         self.args = args
         self.weights = weights
         self.inv_freq = inv_frequencies(args.rope, args.head_dim)
+        self.router_trace = None  # a RoutingTrace to record expert choices into, or None
 
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = True) -> np.ndarray:
         """Logits float32 [n, V] (or [1, V] for the last token only) for tokens [n]."""
@@ -67,7 +68,7 @@ class Transformer:
             x = x + self._attention(
                 layer, rmsnorm(x, layer.attn_norm, args.norm_eps), cache, index, cos, sin
             )
-            x = x + self._ffn(layer, rmsnorm(x, layer.ffn_norm, args.norm_eps))
+            x = x + self._ffn(index, layer, rmsnorm(x, layer.ffn_norm, args.norm_eps))
         cache.length = p0 + n
         if not all_logits:
             x = x[-1:]
@@ -94,11 +95,13 @@ class Transformer:
         out = attention(q, cache.k[index], cache.v[index], p0, args.sliding_window)
         return matmul(layer.wo, out.reshape(n, args.n_heads * args.head_dim))
 
-    def _ffn(self, layer: LayerWeights, h: np.ndarray) -> np.ndarray:
+    def _ffn(self, index: int, layer: LayerWeights, h: np.ndarray) -> np.ndarray:
         if layer.router is None:
             expert = layer.experts[0]
             return expert_forward(expert.gate, expert.up, expert.down, h)
         chosen, weights = route(h @ layer.router.T, self.args.n_experts_per_tok)  # [n, A]
+        if self.router_trace is not None:
+            self.router_trace.record(index, np.unique(chosen).tolist())
         out = np.zeros_like(h)
         # Each expert runs once over all the tokens routed to it.
         for e in np.unique(chosen):

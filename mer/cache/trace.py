@@ -1,0 +1,102 @@
+"""Routing traces and cache-policy simulation on them.
+
+A trace lists, for every forward step, the experts each MoE layer used (each expert once
+per step, as the engine reads it once for the whole batch). Replaying the accesses in
+order (step, then layer, then expert id) against a cache of C slots gives the hit rate of
+a policy: LRU, mer's ExpertCache, or Belady's MIN (evict the expert used farthest in the
+future), the optimum no online policy can beat.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mer.cache.expert_cache import ExpertCache, ExpertKey
+from mer.errors import MerError
+
+
+@dataclass
+class RoutingTrace:
+    n_layers: int
+    n_experts: int
+    steps: list[list[list[int]]] = field(default_factory=list)  # [step][layer] -> expert ids
+
+    def record(self, layer: int, experts: list[int]) -> None:
+        """Called by the model for layer 0..L-1 of each step, in order."""
+        if layer == 0:
+            self.steps.append([])
+        self.steps[-1].append(sorted(int(e) for e in experts))
+
+    def accesses(self) -> list[ExpertKey]:
+        return [(layer, e) for step in self.steps for layer, es in enumerate(step) for e in es]
+
+    def save(self, path: Path) -> None:
+        data = {"n_layers": self.n_layers, "n_experts": self.n_experts, "steps": self.steps}
+        Path(path).write_text(json.dumps(data))
+
+    @classmethod
+    def load(cls, path: Path) -> RoutingTrace:
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(int(data["n_layers"]), int(data["n_experts"]), data["steps"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise MerError(f"{path}: not a routing trace ({err})") from None
+
+
+def simulate_lru(accesses: list[ExpertKey], capacity: int) -> float:
+    cache: OrderedDict[ExpertKey, None] = OrderedDict()
+    hits = 0
+    for key in accesses:
+        if key in cache:
+            hits += 1
+            cache.move_to_end(key)
+            continue
+        if len(cache) >= capacity:
+            cache.popitem(last=False)
+        cache[key] = None
+    return hits / len(accesses) if accesses else 0.0
+
+
+def simulate_belady(accesses: list[ExpertKey], capacity: int) -> float:
+    never = len(accesses)
+    next_use = [never] * len(accesses)
+    seen: dict[ExpertKey, int] = {}
+    for i in range(len(accesses) - 1, -1, -1):
+        next_use[i] = seen.get(accesses[i], never)
+        seen[accesses[i]] = i
+    resident: dict[ExpertKey, int] = {}  # key -> its next use
+    heap: list[tuple[int, ExpertKey]] = []  # (-next use, key); stale entries skipped
+    hits = 0
+    for i, key in enumerate(accesses):
+        if key in resident:
+            hits += 1
+        elif len(resident) >= capacity:
+            while True:
+                neg, victim = heapq.heappop(heap)
+                if resident.get(victim) == -neg:
+                    del resident[victim]
+                    break
+        resident[key] = next_use[i]
+        heapq.heappush(heap, (-next_use[i], key))
+    return hits / len(accesses) if accesses else 0.0
+
+
+def simulate_mer(accesses: list[ExpertKey], capacity: int, pin_fraction: float = 0.25) -> float:
+    cache = ExpertCache(capacity, pin_budget=min(capacity - 1, int(capacity * pin_fraction)))
+    for key in accesses:
+        status, _ = cache.acquire(key)
+        if not cache.is_ready(key):
+            cache.complete(key)
+        cache.release(key)
+    return cache.stats.hit_rate
+
+
+def capacity_slots(spec: float, n_layers: int, n_experts: int) -> int:
+    """A capacity given as a fraction of all experts (<= 1) or as a slot count."""
+    total = n_layers * n_experts
+    slots = round(spec * total) if spec <= 1 else int(spec)
+    return max(1, min(total, slots))
