@@ -1,0 +1,490 @@
+"""Read expert weights from a model file into arena slots, many reads in flight.
+
+Backends: "uring" (io_uring READV on an O_DIRECT fd), "preadv" (os.preadv on an O_DIRECT fd from a
+pool of `queue_depth` threads) and "buffered" (the same on a plain fd, through the page cache).
+"auto" takes the first that works for the file and logs the choice once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import struct
+from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import xxhash
+
+from mer.errors import MerError
+from mer.io.arena import ALIGN, Arena, round_up
+
+try:
+    import liburing
+except ImportError:  # pragma: no cover - a dependency, but keep "auto" working without it
+    liburing = None
+
+logger = logging.getLogger(__name__)
+BACKENDS = ("auto", "uring", "preadv", "buffered")
+_LOGGED: set[tuple[str, str]] = set()
+_HEAD = object.__basicsize__  # PyObject header that precedes liburing.Iovec's {len, iovec*}
+
+
+class ExpertReadError(MerError):
+    """Expert bytes could not be read (errno, short read, checksum mismatch), even on retry."""
+
+
+class ReadRequest(NamedTuple):
+    """Read `length` bytes at file `offset` into `arena` slot `slot`; `tag` comes back as is."""
+
+    offset: int
+    length: int
+    arena: Arena
+    slot: int
+    expected: int | None = None  # xxh3_64 integer digest of the `length` bytes, or None
+    tag: Any = None
+
+
+@dataclass(slots=True)
+class ReadResult:
+    """One finished request. `error` is None when the slot holds the (verified) bytes."""
+
+    tag: Any
+    slot: int
+    offset: int
+    length: int
+    attempts: int
+    error: ExpertReadError | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the read succeeded."""
+        return self.error is None
+
+
+@dataclass(slots=True)
+class ReaderStats:
+    """Counters since the reader opened; `attempts` counts every issue of a request."""
+
+    requests: int = 0
+    attempts: int = 0
+    retries: int = 0
+    failures: int = 0
+    bytes_read: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    req: ReadRequest
+    chunks: list[tuple[int, int, int, int]]  # (offset in arena.buf, bytes, file offset, needed)
+    attempt: int = 1
+    next: int = 0
+    outstanding: int = 0
+    got: int = 0  # bytes of the request read so far (this attempt)
+    short: bool = False
+    cause: str | None = None  # errno text of a failed chunk
+
+
+def _errno_text(code: int) -> str:
+    return f"{errno.errorcode.get(code, f'errno {code}')} ({os.strerror(code)})"
+
+
+def _short(got: int, want: int) -> str:
+    return f"short read ({got} of {want} bytes, past end of file?)"
+
+
+def _pread(fd: int, arena: Arena, buf_off: int, n: int, file_off: int) -> int:
+    """os.preadv into arena memory; bytes read, or -errno (the reader retries, not the thread)."""
+    with arena.buf as whole, whole[buf_off : buf_off + n] as view:
+        try:
+            return os.preadv(fd, [view], file_off)
+        except OSError as e:
+            return -(e.errno or errno.EIO)
+
+
+class _Threads:
+    """preadv engine: a thread per in-flight chunk (os.preadv releases the GIL)."""
+
+    def __init__(self, fd: int, depth: int) -> None:
+        self._fd = fd
+        self._pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="mer-io")
+        self._futs: dict[Any, int] = {}
+
+    def start(self, op: int, arena: Arena, buf_off: int, n: int, file_off: int) -> None:
+        self._futs[self._pool.submit(_pread, self._fd, arena, buf_off, n, file_off)] = op
+
+    def flush(self) -> None:
+        pass
+
+    def reap(self, block: bool) -> list[tuple[int, int]]:
+        done, _ = wait(self._futs, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        return [(self._futs.pop(f), f.result()) for f in done]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class _Uring:
+    """io_uring engine: one READV per chunk, its iovec pointed straight at arena memory.
+
+    liburing.Iovec holds a buffer export on any memoryview it is given and never releases it,
+    which would pin the arena's mmap forever. So a pool of one-entry Iovecs is made once from
+    throwaway bytearrays and their iovec (base, len) is rewritten in place before each read; the
+    layout is checked against a known buffer first.
+    """
+
+    def __init__(self, fd: int, depth: int) -> None:
+        if liburing is None:
+            raise OSError(errno.ENOSYS, "the liburing package is not importable")
+        if not _iovec_layout_ok():
+            raise OSError(errno.ENOTSUP, "unexpected liburing.Iovec memory layout")
+        self._fd = fd
+        self._ring = liburing.Ring()
+        liburing.io_uring_queue_init(depth, self._ring)
+        self._cqe = liburing.Cqe()
+        self._free = [_one_iovec() for _ in range(depth)]
+        self._busy: dict[int, tuple[Any, Any]] = {}
+
+    def start(self, op: int, arena: Arena, buf_off: int, n: int, file_off: int) -> None:
+        iov, entry = item = self._free.pop()
+        entry[0], entry[1] = arena.address + buf_off, n
+        sqe = liburing.io_uring_get_sqe(self._ring)
+        liburing.io_uring_prep_readv(sqe, self._fd, iov, file_off)
+        liburing.io_uring_sqe_set_data64(sqe, op)
+        self._busy[op] = item
+
+    def flush(self) -> None:
+        while liburing.io_uring_sq_ready(self._ring):
+            try:
+                liburing.io_uring_submit(self._ring)
+            except (InterruptedError, BlockingIOError):  # transient: try again
+                continue
+
+    def reap(self, block: bool) -> list[tuple[int, int]]:
+        while block:
+            try:
+                liburing.io_uring_wait_cqe(self._ring, self._cqe)
+                break
+            except InterruptedError:
+                continue
+        done = []
+        for _ in liburing.CqeIter(self._ring, self._cqe):
+            cqe = self._cqe[0]
+            try:
+                res = cqe.res
+            except OSError as e:  # the binding raises for a negative res
+                res = -(e.errno or errno.EIO)
+            done.append((cqe.user_data, res))
+        if done:
+            liburing.io_uring_cq_advance(self._ring, len(done))
+        for op, _ in done:
+            self._free.append(self._busy.pop(op))
+        return done
+
+    def close(self) -> None:
+        liburing.io_uring_queue_exit(self._ring)
+
+
+def _iovec_entry(iov: Any) -> Any:
+    """The (iov_base, iov_len) pair of a one-entry liburing.Iovec, as a writable ctypes array."""
+    ptr = ctypes.c_size_t.from_address(id(iov) + _HEAD + 8).value
+    return (ctypes.c_size_t * 2).from_address(ptr)
+
+
+def _one_iovec() -> tuple[Any, Any]:
+    iov = liburing.Iovec([bytearray(1)])
+    return iov, _iovec_entry(iov)
+
+
+def _iovec_layout_ok() -> bool:
+    """Whether liburing.Iovec is laid out as _iovec_entry assumes, checked on a known buffer.
+
+    Memory is peeked through /proc/self/mem, so a wrong guess reads EIO instead of crashing.
+    """
+    ba = bytearray(8192)
+    iov = liburing.Iovec([ba])
+    pin = ctypes.c_char.from_buffer(ba)
+    addr = ctypes.addressof(pin)
+    del pin
+    if type(iov).__basicsize__ < _HEAD + 16:
+        return False
+    try:
+        fd = os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            n, ptr = struct.unpack("NN", os.pread(fd, 16, id(iov) + _HEAD))
+            entry = struct.unpack("NN", os.pread(fd, 16, ptr)) if n == 1 else None
+        finally:
+            os.close(fd)
+    except (OSError, OverflowError, struct.error):
+        return False
+    return entry == (addr, len(ba))
+
+
+class ExpertReader:
+    """Reads byte ranges of one file into arena slots, up to `queue_depth` chunks in flight.
+
+    `backend` is "auto", "uring", "preadv" or "buffered"; `reader.backend` tells which one runs.
+    O_DIRECT backends need 4 KiB-aligned file offsets and read whole 4 KiB pages, so a slot must
+    hold `length` rounded up to 4 KiB. Reads longer than `chunk_bytes` are split into several
+    chunks. With `verify`, a request's `expected` xxh3_64 digest is checked over its `length`
+    bytes. An errno, a short read or a mismatch is retried once; a second failure gives an
+    ExpertReadError, never a success with wrong bytes. Not thread-safe: use one reader per thread.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        queue_depth: int = 16,
+        backend: str = "auto",
+        verify: bool = True,
+        chunk_bytes: int = 16 << 20,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise MerError(f"reader backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if queue_depth < 1 or chunk_bytes < ALIGN or chunk_bytes % ALIGN:
+            raise MerError(f"bad reader settings: queue_depth={queue_depth} chunk={chunk_bytes}")
+        self.path = os.fspath(path)
+        self.queue_depth = queue_depth
+        self.verify = verify
+        self.stats = ReaderStats()
+        self._chunk = chunk_bytes
+        self._pending: deque[_Job] = deque()
+        self._ops: dict[int, tuple[_Job, int]] = {}
+        self._results: list[ReadResult] = []
+        self._next_op = 0
+        self._closed = False
+        self._fd = -1
+        try:
+            self.backend, reason = self._open(backend)
+        except BaseException:
+            if self._fd >= 0:
+                os.close(self._fd)
+            raise
+        self.direct = self.backend != "buffered"
+        if (self.backend, reason) not in _LOGGED:
+            _LOGGED.add((self.backend, reason))
+            logger.info("event=reader_backend backend=%s reason=%s", self.backend, reason)
+
+    def _open(self, want: str) -> tuple[str, str]:
+        """Open the fd and engine for `want`; returns (backend, reason)."""
+        reason = "requested"
+        if want != "buffered":
+            try:
+                self._fd = self._open_fd(os.O_DIRECT)
+                with mmap.mmap(-1, ALIGN) as page:  # page aligned, as O_DIRECT needs
+                    os.preadv(self._fd, [page], 0)  # tmpfs & co. may refuse only here
+            except OSError as e:
+                if want != "auto" or e.errno != errno.EINVAL:
+                    raise self._error(
+                        0, ALIGN, f"O_DIRECT refused: {_errno_text(e.errno or 0)}"
+                    ) from e
+                if self._fd >= 0:
+                    os.close(self._fd)
+                    self._fd = -1
+                want, reason = "buffered", "o_direct_refused"
+        if want == "buffered":
+            self._fd = self._open_fd(0)
+            self._engine: _Threads | _Uring = _Threads(self._fd, self.queue_depth)
+            return "buffered", reason
+        if want != "preadv":
+            try:
+                self._engine = _Uring(self._fd, self.queue_depth)
+                self._check_uring()
+                return "uring", reason if want == "uring" else "io_uring_ok"
+            except OSError as e:
+                if want == "uring":
+                    raise self._error(0, ALIGN, f"io_uring unavailable: {e}") from e
+                reason = f"io_uring_unavailable:{errno.errorcode.get(e.errno or 0, 'error')}"
+        self._engine = _Threads(self._fd, self.queue_depth)
+        return "preadv", reason
+
+    def _open_fd(self, flags: int) -> int:
+        try:
+            return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | flags)
+        except OSError as e:
+            if flags and e.errno == errno.EINVAL:
+                raise  # O_DIRECT refused by the filesystem: "auto" falls back
+            raise self._error(0, 0, f"cannot open: {_errno_text(e.errno or 0)}") from e
+
+    def _check_uring(self) -> None:
+        """Read the first page with io_uring and with preadv; they must agree."""
+        try:
+            with Arena(2 * ALIGN, ALIGN) as scratch, mmap.mmap(-1, ALIGN) as page:
+                n = os.preadv(self._fd, [page], 0)
+                self._engine.start(0, scratch, 0, ALIGN, 0)
+                self._engine.flush()
+                [(_, res)] = self._engine.reap(True)
+                with scratch.slot_view(0) as got:
+                    if res != n or got[:n] != page[:n]:
+                        raise OSError(errno.EIO, f"io_uring self-test got {res} bytes, wrong")
+        except BaseException:
+            self._engine.close()
+            raise
+
+    def _error(self, offset: int, length: int, cause: str) -> ExpertReadError:
+        return ExpertReadError(f"{self.path}: read of {length} bytes at offset {offset}: {cause}")
+
+    @property
+    def busy(self) -> bool:
+        """True while submitted requests have not all finished."""
+        return bool(self._ops or self._pending)
+
+    def submit(self, requests: Iterable[ReadRequest | tuple]) -> None:
+        """Queue requests (offset, length, arena, slot, expected, tag); I/O starts right away."""
+        jobs = [self._job(ReadRequest(*r)) for r in requests]  # validate all before queueing any
+        self._pending.extend(jobs)
+        self.stats.requests += len(jobs)
+        self._pump()
+
+    def _job(self, r: ReadRequest) -> _Job:
+        if r.length <= 0 or r.offset < 0:
+            raise self._error(r.offset, r.length, "need a positive length and offset >= 0")
+        if self.direct and r.offset % ALIGN:
+            raise self._error(r.offset, r.length, f"offset not {ALIGN}-aligned, O_DIRECT needs it")
+        span = round_up(r.length) if self.direct else r.length
+        if not 0 <= r.slot < r.arena.n_slots or span > r.arena.slot_size:
+            raise self._error(r.offset, r.length, f"does not fit slot {r.slot} of the arena")
+        base, step = r.arena.slot_offset(r.slot), self._chunk
+        chunks = [
+            (base + p, min(step, span - p), r.offset + p, max(0, min(step, r.length - p)))
+            for p in range(0, span, step)
+        ]
+        return _Job(r, chunks)
+
+    def _pump(self) -> None:
+        issued = False
+        while self._pending and len(self._ops) < self.queue_depth and not self._closed:
+            job = self._pending[0]
+            if job.next == 0:
+                self.stats.attempts += 1
+            buf_off, n, file_off, need = job.chunks[job.next]
+            op, self._next_op = self._next_op, self._next_op + 1
+            self._ops[op] = (job, need)
+            self._engine.start(op, job.req.arena, buf_off, n, file_off)
+            job.next += 1
+            job.outstanding += 1
+            issued = True
+            if job.next == len(job.chunks):
+                self._pending.popleft()
+        if issued:
+            self._engine.flush()
+
+    def poll(self, block: bool = True) -> list[ReadResult]:
+        """Results finished since the last call, in completion order; waits for one if `block`."""
+        self._pump()
+        if self._ops:
+            self._complete(self._engine.reap(False))
+        while block and not self._results and self._ops:
+            self._complete(self._engine.reap(True))
+        out, self._results = self._results, []
+        return out
+
+    def _complete(self, done: list[tuple[int, int]]) -> None:
+        for op, res in done:
+            job, need = self._ops.pop(op)
+            job.outstanding -= 1
+            if res < 0:
+                job.cause = job.cause or _errno_text(-res)
+            else:
+                job.got += min(res, need)
+                job.short |= res < need
+                self.stats.bytes_read += res
+            if job.outstanding == 0 and job.next == len(job.chunks):
+                self._finish(job)
+        self._pump()
+
+    def _finish(self, job: _Job) -> None:
+        r = job.req
+        if job.cause is None and job.short:
+            job.cause = _short(job.got, r.length)
+        if job.cause is None:
+            with r.arena.slot_view(r.slot) as view, view[: r.length] as data:
+                job.cause = self._mismatch(data, r.expected)
+        if job.cause is not None and job.attempt == 1 and not self._closed:
+            self.stats.retries += 1
+            job.attempt, job.next, job.got, job.short, job.cause = 2, 0, 0, False, None
+            self._pending.appendleft(job)  # retries go first: someone is waiting on this slot
+            return
+        err = None
+        if job.cause is not None:
+            self.stats.failures += 1
+            err = self._error(r.offset, r.length, f"{job.cause}, after {job.attempt} attempts")
+        self._results.append(ReadResult(r.tag, r.slot, r.offset, r.length, job.attempt, err))
+
+    def read_many(
+        self, requests: Iterable[ReadRequest | tuple], *, check: bool = True
+    ) -> list[ReadResult]:
+        """Submit `requests`, wait for everything outstanding, return results (completion order).
+
+        With `check`, raises the first ExpertReadError once all reads have finished.
+        """
+        self.submit(requests)
+        out: list[ReadResult] = []
+        while self.busy or self._results:
+            out += self.poll()
+        bad = next((r.error for r in out if r.error is not None), None)
+        if check and bad is not None:
+            raise bad
+        return out
+
+    def read_into(self, offset: int, length: int, out: Any, expected: int | None = None) -> int:
+        """Blocking read of `length` bytes at any `offset` into the writable buffer `out`.
+
+        Goes through a page-aligned bounce buffer, so offset, length and `out` need no alignment.
+        Retries once like `submit`; returns `length` or raises ExpertReadError.
+        """
+        with memoryview(out).cast("B") as dst:
+            if length <= 0 or offset < 0 or len(dst) < length:
+                raise self._error(offset, length, f"bad range for a {len(dst)}-byte buffer")
+            start = offset - offset % ALIGN
+            skip, span = offset - start, round_up(offset + length) - start
+            for attempt in (1, 2):
+                self.stats.attempts += 1
+                with mmap.mmap(-1, span) as page:
+                    try:
+                        n = os.preadv(self._fd, [page], start) - skip
+                        cause = None if n >= length else _short(max(n, 0), length)
+                    except OSError as e:
+                        cause = _errno_text(e.errno or errno.EIO)
+                    if cause is None:
+                        with memoryview(page) as src:
+                            dst[:length] = src[skip : skip + length]
+                cause = cause or self._mismatch(dst[:length], expected)
+                if cause is None:
+                    self.stats.bytes_read += length
+                    return length
+                self.stats.retries += attempt == 1
+        self.stats.failures += 1
+        raise self._error(offset, length, f"{cause}, after 2 attempts")
+
+    def _mismatch(self, data: memoryview, expected: int | None) -> str | None:
+        """Why `data` fails verification, or None."""
+        if not self.verify or expected is None:
+            return None
+        got = xxhash.xxh3_64_intdigest(data)
+        if got == expected:
+            return None
+        return f"checksum mismatch (xxh3_64 {got:#018x}, expected {expected:#018x})"
+
+    def close(self) -> None:
+        """Wait for reads in flight (the kernel may still be writing slots), then release all."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pending.clear()
+        while self._ops:
+            self._complete(self._engine.reap(True))
+        self._engine.close()
+        os.close(self._fd)
+
+    def __enter__(self) -> ExpertReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
