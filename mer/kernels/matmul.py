@@ -4,6 +4,10 @@
 # (mm_<kind>.py) exposing KIND, BLOCK, BLOCK_BYTES, from_raw, dequantize, run (and from_array
 # for float kinds); this file only validates arguments and dispatches through _KINDS, so a new
 # kind is one more module in the table.
+#
+# The kernels are numba functions cached in mer/kernels/__pycache__. numba's cache notices an
+# edit to a function's own file only, not to the helpers or constants it uses from another
+# module (mm_f32.py holds the shared ones): after editing those, delete the *.nbi/*.nbc files.
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,6 +25,7 @@ _KINDS: dict[str, ModuleType] = {
 _FLOAT_DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
 _QUANT_KINDS = ("q8_0", "q4_0")
 _threads = numba.config.NUMBA_NUM_THREADS  # all cores until set_num_threads
+_PAR_MIN_WORK = 1 << 18
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: compare by identity, never array-wise
@@ -61,7 +66,9 @@ def pack_float(arr: np.ndarray, kind: str) -> PackedWeight:
     Zero-copy when arr is C-contiguous (arr may be a np.memmap); layout stays row-major.
     """
     if kind not in _FLOAT_DTYPES:
-        raise ValueError(f"pack_float: kind must be one of {', '.join(_FLOAT_DTYPES)}, got {kind!r}")
+        raise ValueError(
+            f"pack_float: kind must be one of {', '.join(_FLOAT_DTYPES)}, got {kind!r}"
+        )
     want = np.dtype(_FLOAT_DTYPES[kind])
     if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.dtype != want:
         got = (getattr(arr, "dtype", type(arr).__name__), getattr(arr, "shape", None))
@@ -75,7 +82,9 @@ def quantize(arr: np.ndarray, kind: str) -> PackedWeight:
         raise ValueError(f"quantize: kind must be 'q8_0' or 'q4_0', got {kind!r}")
     a = np.asarray(arr)
     if a.ndim != 2 or a.shape[1] % 32 != 0:
-        raise ValueError(f"quantize({kind!r}): need [N, K] with K a multiple of 32, got shape {a.shape}")
+        raise ValueError(
+            f"quantize({kind!r}): need [N, K] with K a multiple of 32, got shape {a.shape}"
+        )
     return from_gguf_blocks(quantize_blocks(a, kind), kind, a.shape[0], a.shape[1])
 
 
@@ -131,14 +140,25 @@ def _check_out(out: np.ndarray, n: int, rows: int, what: str) -> None:
         raise ValueError(f"{what}: out must be C-contiguous and writeable")
 
 
-def run_kernel(w: PackedWeight, x, out, r0: int, r1: int, c0: int, c1: int, xoff: int, ooff: int):
+def run_kernel(
+    w: PackedWeight,
+    x: np.ndarray,
+    out: np.ndarray,
+    r0: int,
+    r1: int,
+    c0: int,
+    c1: int,
+    xoff: int,
+    ooff: int,
+) -> None:
     """Unchecked core: out[:, r-ooff] = sum_c x[:, c-xoff] * W[r, c] for r0<=r<r1, c0<=c<c1."""
     if r1 <= r0:
         return
     if c1 <= c0:
         out[:, r0 - ooff : r1 - ooff] = 0.0
         return
-    nt = _threads
+    # Below ~2^18 multiply-adds a parallel launch costs more than it saves.
+    nt = _threads if (r1 - r0) * (c1 - c0) * x.shape[0] >= _PAR_MIN_WORK else 1
     if nt > 1 and numba.get_num_threads() != nt:
         numba.set_num_threads(nt)  # numba's setting is per calling thread
     _KINDS[w.kind].run(w.planes, x, out, r0, r1, c0, c1, xoff, ooff, nt)

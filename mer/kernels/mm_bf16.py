@@ -93,7 +93,18 @@ def dequantize(planes: tuple[np.ndarray, ...], rows: int, cols: int) -> np.ndarr
     return (planes[0].astype(np.uint32) << 16).view(np.float32)
 
 
-def run(planes, x, out, r0, r1, c0, c1, xoff, ooff, nt) -> None:
+def run(
+    planes: tuple[np.ndarray, ...],
+    x: np.ndarray,
+    out: np.ndarray,
+    r0: int,
+    r1: int,
+    c0: int,
+    c1: int,
+    xoff: int,
+    ooff: int,
+    nt: int,
+) -> None:
     """out[:, r0-ooff:r1-ooff] = x[:, c0-xoff:c1-xoff] @ W[r0:r1, c0:c1].T on nt threads."""
     if nt == 1:
         _rows(planes[0], x, out, r0, r1, c0, c1, xoff, ooff)

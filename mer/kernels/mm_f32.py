@@ -21,6 +21,7 @@ FM = {"reassoc", "contract", "nsz", "arcp"}
 ROW_GROUP = 16  # rows dequantized together on the n>1 path
 COL_CHUNK = 1024  # columns per cache tile on the n>1 path (a multiple of 32)
 PF_ROWS = 8  # software prefetch distance, in rows, of the quantized matvec kernels
+PF_MIN_BYTES = 1 << 22  # ... used only for matrices bigger than this
 SMALL_N = 4  # quantized kinds: up to this many tokens, decode per token instead of a tile
 
 
@@ -153,7 +154,18 @@ def dequantize(planes: tuple[np.ndarray, ...], rows: int, cols: int) -> np.ndarr
     return np.array(planes[0], dtype=np.float32)
 
 
-def run(planes, x, out, r0, r1, c0, c1, xoff, ooff, nt) -> None:
+def run(
+    planes: tuple[np.ndarray, ...],
+    x: np.ndarray,
+    out: np.ndarray,
+    r0: int,
+    r1: int,
+    c0: int,
+    c1: int,
+    xoff: int,
+    ooff: int,
+    nt: int,
+) -> None:
     """out[:, r0-ooff:r1-ooff] = x[:, c0-xoff:c1-xoff] @ W[r0:r1, c0:c1].T on nt threads."""
     if nt == 1:
         _rows(planes[0], x, out, r0, r1, c0, c1, xoff, ooff)

@@ -3,9 +3,9 @@
 #
 # GGUF Q4_0 block (18 bytes): f16 scale d, then 16 bytes; byte j holds element j in its low
 # nibble and element j+16 in its high nibble; W[r, 32b+j] = d * (nibble - 8).
-# Layout "q4_0": planes (q uint8 [N, 16, B], d uint16 [N, B] = raw f16 scale bits).
-# Bytes are stored j-major inside each row (see mm_q8_0): the inner loop runs over b with one
-# scale per vector lane and contiguous bytes; xt rows j and j+16 pair with the two nibbles.
+# Layout "q4_0": planes (q uint8 [N, 16, B], d uint16 [N, B] = raw f16 scale bits), exactly
+# GGUF-sized. Bytes are stored j-major inside each row, as in mm_q8_0 (same activation
+# transpose, same two paths); xt rows j and j+16 pair with the low and high nibbles.
 from __future__ import annotations
 
 import numpy as np
@@ -17,6 +17,7 @@ from .mm_f16 import h2f
 from .mm_f32 import (
     COL_CHUNK,
     FM,
+    PF_MIN_BYTES,
     PF_ROWS,
     ROW_GROUP,
     SMALL_N,
@@ -75,9 +76,22 @@ def _block(qq, xt, b):
     return (t0 + t1) + (t2 + t3)
 
 
+@njit(inline="always")
+def _dot2(qa, qb, da, db, x, xs, c, m):
+    # Rows a and b over blocks c..c+m of the range; unsigned b: no negative-index wraparound
+    # code, so LLVM vectorizes the loop.
+    a0 = a1 = np.float32(0.0)
+    for i in range(m):
+        b = np.uint64(c + i)
+        a0 += h2f(da[b]) * (_block(qa, x, b) - xs[b])
+        a1 += h2f(db[b]) * (_block(qb, x, b) - xs[b])
+    return a0, a1
+
+
 @njit(cache=True, nogil=True, fastmath=FM)
 def _matvec(q, d, xt, out, r0, r1, b0, b1, ooff):
-    # xt: [n, 32, nb], n <= SMALL_N: each row pair is read from memory once and decoded per token.
+    # xt: [n, 32, nb], n <= SMALL_N. Two rows per pass; each row pair is read from memory once
+    # (with prefetch for token 0, whose x stays loop-invariant) and decoded once per token.
     # Nibbles are used unsigned; the -8 comes back as 8 * sum_j x per block.
     n, nb = xt.shape[0], b1 - b0
     xs = np.zeros((n, nb), np.float32)
@@ -88,26 +102,27 @@ def _matvec(q, d, xt, out, r0, r1, b0, b1, ooff):
                 st[b] += np.float32(8.0) * xj[b]
     flat = q.reshape(-1)
     B = q.shape[2]
+    big = flat.size > PF_MIN_BYTES  # smaller matrices are likely cached: skip the prefetches
+    x0, s0 = xt[0], xs[0]
     for r in range(r0, r1, 2):
         ra, rb = r, min(r + 1, r1 - 1)
         qa, qb = q[ra, :, b0:b1], q[rb, :, b0:b1]
         da, db = d[ra, b0:b1], d[rb, b0:b1]
         pf = max(0, min(r + PF_ROWS, q.shape[0] - 2)) * 16 * B + b0
-        out[:, ra - ooff] = 0.0
-        out[:, rb - ooff] = 0.0
+        a0 = a1 = np.float32(0.0)
         for c in range(0, nb, CHUNK):
-            for j in range(32):  # the same chunk of rows pf, pf+1: one line per byte position
-                prefetch(flat, pf + j * B + c)
-            for t in range(n):
-                x, st = xt[t], xs[t]
-                a0 = a1 = np.float32(0.0)
-                for i in range(min(CHUNK, nb - c)):
-                    b = np.uint64(c + i)  # unsigned: no negative-index wraparound, so it vectorizes
-                    a0 += h2f(da[b]) * (_block(qa, x, b) - st[b])
-                    a1 += h2f(db[b]) * (_block(qb, x, b) - st[b])
-                out[t, ra - ooff] += a0
-                if rb != ra:
-                    out[t, rb - ooff] += a1
+            if big:  # rows pf, pf+1: one line per byte position covers the chunk
+                for j in range(32):
+                    prefetch(flat, pf + j * B + c)
+            u0, u1 = _dot2(qa, qb, da, db, x0, s0, c, min(CHUNK, nb - c))
+            a0 += u0
+            a1 += u1
+        out[0, ra - ooff] = a0
+        out[0, rb - ooff] = a1  # rb == ra on an odd tail: the same value again
+        for t in range(1, n):
+            u0, u1 = _dot2(qa, qb, da, db, xt[t], xs[t], 0, nb)
+            out[t, ra - ooff] = u0
+            out[t, rb - ooff] = u1
 
 
 @njit(inline="always")
@@ -122,13 +137,13 @@ def _deq_row(src, dr, dst, m):
 
 
 @njit(cache=True, nogil=True, fastmath=FM)
-def _gemm(q, d, xt, out, r0, r1, b0, b1, ooff):
-    # Dequantize a [ROW_GROUP, 32*CHUNK_BLOCKS] tile once (in xt's order), reuse it for all tokens.
-    S = np.empty((ROW_GROUP, 32 * CHUNK_BLOCKS), np.float32)
+def _gemm(q, d, xt, out, r0, r1, b0, b1, ooff, cb):
+    # Dequantize a [ROW_GROUP, 32*cb] tile once (in xt's order), reuse it for all tokens.
+    S = np.empty((ROW_GROUP, 32 * cb), np.float32)
     for g in range(r0, r1, ROW_GROUP):
         nr = min(ROW_GROUP, r1 - g)
-        for bs in range(b0, b1, CHUNK_BLOCKS):
-            m = min(CHUNK_BLOCKS, b1 - bs)
+        for bs in range(b0, b1, cb):
+            m = min(cb, b1 - bs)
             for i in range(nr):
                 src, dr = q[g + i, :, bs : bs + m], d[g + i, bs : bs + m]
                 if m == CHUNK_BLOCKS:  # a constant trip count: one full-width vector, no tail
@@ -139,20 +154,20 @@ def _gemm(q, d, xt, out, r0, r1, b0, b1, ooff):
 
 
 @njit(cache=True, nogil=True, fastmath=FM)
-def _rows(q, d, xt, out, r0, r1, b0, b1, ooff):
-    n = xt.shape[0]
-    if n <= SMALL_N:
-        _matvec(q, d, xt.reshape((n, 32, b1 - b0)), out, r0, r1, b0, b1, ooff)
+def _rows(q, d, xt, out, r0, r1, b0, b1, ooff, cb):
+    # cb == 0: xt is [n, 32, nb] for the per-token decode; else [n, 32*nb] in chunks of cb blocks.
+    if cb == 0:
+        _matvec(q, d, xt.reshape((xt.shape[0], 32, b1 - b0)), out, r0, r1, b0, b1, ooff)
     else:
-        _gemm(q, d, xt, out, r0, r1, b0, b1, ooff)
+        _gemm(q, d, xt, out, r0, r1, b0, b1, ooff, cb)
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _par(q, d, xt, out, r0, r1, b0, b1, ooff, nt):
+def _par(q, d, xt, out, r0, r1, b0, b1, ooff, cb, nt):
     for c in prange(nt):
         a, b = chunk_bounds(r0, r1, c, nt)
         if b > a:
-            _rows(q, d, xt, out, a, b, b0, b1, ooff)
+            _rows(q, d, xt, out, a, b, b0, b1, ooff, cb)
 
 
 def from_raw(raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, ...]:
@@ -172,12 +187,26 @@ def dequantize(planes: tuple[np.ndarray, ...], rows: int, cols: int) -> np.ndarr
     return np.concatenate([lo, hi], axis=1).transpose(0, 2, 1).reshape(rows, cols)
 
 
-def run(planes, x, out, r0, r1, c0, c1, xoff, ooff, nt) -> None:
+def run(
+    planes: tuple[np.ndarray, ...],
+    x: np.ndarray,
+    out: np.ndarray,
+    r0: int,
+    r1: int,
+    c0: int,
+    c1: int,
+    xoff: int,
+    ooff: int,
+    nt: int,
+) -> None:
     """out[:, r0-ooff:r1-ooff] = x[:, c0-xoff:c1-xoff] @ W[r0:r1, c0:c1].T on nt threads."""
     q, d = planes
     b0, b1 = c0 // 32, c1 // 32
-    xt = transpose_x(x, xoff, b0, b1, b1 - b0 if x.shape[0] <= SMALL_N else CHUNK_BLOCKS)
+    # The layout choice travels as an argument: numba's cache would not see an edited constant
+    # in another module, and kernel and activations must agree on it.
+    cb = 0 if x.shape[0] <= SMALL_N else CHUNK_BLOCKS
+    xt = transpose_x(x, xoff, b0, b1, cb if cb else b1 - b0)
     if nt == 1:
-        _rows(q, d, xt, out, r0, r1, b0, b1, ooff)
+        _rows(q, d, xt, out, r0, r1, b0, b1, ooff, cb)
     else:
-        _par(q, d, xt, out, r0, r1, b0, b1, ooff, nt)
+        _par(q, d, xt, out, r0, r1, b0, b1, ooff, cb, nt)

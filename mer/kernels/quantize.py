@@ -20,7 +20,7 @@ def _q8_0(a, d, q):
     n, k = a.shape
     f0 = np.float32(0.0)
     f1 = np.float32(1.0)
-    f2 = np.float32(2.0)
+    half = np.float32(0.5)
     for r in range(n):
         for b in range(k // 32):
             amax = f0
@@ -32,9 +32,10 @@ def _q8_0(a, d, q):
             for j in range(32):
                 v = a[r, 32 * b + j] * inv
                 m = abs(v)
-                fl = np.floor(m)
-                m = fl + np.floor(f2 * (m - fl))  # round half away from zero, exactly
-                q[r, b, j] = np.int8(-m if v < f0 else m)
+                iq = np.int32(m)  # trunc = floor for m >= 0, and m - iq is exact
+                if m - np.float32(iq) >= half:  # round half away from zero
+                    iq += 1
+                q[r, b, j] = np.int8(-iq if v < f0 else iq)
 
 
 @njit(cache=True, nogil=True)

@@ -59,7 +59,11 @@ _values = st.floats(-1e6, 1e6, width=32).map(lambda v: v if abs(v) > 1e-30 else 
 
 
 @settings(max_examples=60, deadline=None)
-@given(a=hnp.arrays(np.float32, st.tuples(st.integers(1, 3), st.sampled_from([32, 64])), elements=_values))
+@given(
+    a=hnp.arrays(
+        np.float32, st.tuples(st.integers(1, 3), st.sampled_from([32, 64])), elements=_values
+    )
+)
 def test_byte_identical_property(a):
     for kind, qtype in TYPES.items():
         assert np.array_equal(quantize_blocks(a, kind), gguf.quants.quantize(a, qtype))

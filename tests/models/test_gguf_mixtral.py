@@ -61,7 +61,9 @@ def files(tmp_path_factory, request) -> tuple[object, dict[str, Path]]:
     hf = build_model("mixtral-gguf", vocab_size=sp.vocab_size(), init_std=0.03)
     train_briefly(hf, [[sp.bos_id(), *sp.encode(t)] for t in TEXTS])
     save_model(hf, hf_dir, "f16")
-    script = llamacpp.converter_script(Path(request.config.cache.mkdir("llama-cpp-src")))
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    src = Path(cache.mkdir("llama-cpp-src")) if cache else root / "llama-cpp-src"
+    script = llamacpp.converter_script(src)
     paths = {"f16": llamacpp.convert(script, hf_dir, root / "model-f16.gguf", "f16")}
     for kind in KINDS[1:]:
         paths[kind] = llamacpp.quantize(paths["f16"], root / f"model-{kind}.gguf", kind)
