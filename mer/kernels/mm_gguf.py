@@ -1,108 +1,196 @@
-# Dimensions: B = blocks, S = sub-block size.
+# Dimensions: B = GGUF blocks per row, U = units of 32 weights per row, S = 256-weight
+# super-blocks per row (K-quants), f = flat unit index r * U + u.
 #
-# Unpackers of GGUF block types into the sub-block planes of mm_subblock (W = s * q + m).
-# Block layouts follow ggml-common.h; s and m are computed in float32 in the same order as
-# gguf.quants, so dequantized values are bit-identical to it.
+# GGUF block types whose weights are W = s * q + m per sub-block, repacked into the plane
+# layouts that mm_sb_ir decodes. Every kind keeps its quants packed: 16 nibble bytes per unit
+# (byte i = weight i | weight 16+i << 4, GGUF's Q4_1 order; the K-quants are reordered into it),
+# plus high bits as u32 words per unit, plus the scales in their GGUF width, so the planes stay
+# about GGUF-sized (decode streams them from DRAM). `parts` rebuilds integer q and float32 s, m
+# in the same order as gguf.quants, so dequantize is bit-identical; `fill` (numba) expands the
+# scales of a run of units to float32 for the kernels.
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
+from numba.extending import overload
 
-from .mm_subblock import SubBlockKind, bits, f16, nibbles
+from .mm_f16 import h2f
+from .mm_f32 import FM
+from .mm_sb_ir import expand8, expand16, spec_of
+from .mm_subblock import SubBlockKind, fill, half, high_bits, nibble_bytes, scales_per_unit
 
 QK_K = 256
 
 
 class Q4_1(SubBlockKind):
-    """32 weights: f16 d, f16 m, 16 bytes of nibbles; w = d * q + m."""
+    """32 weights: f16 d, f16 m, 16 nibble bytes; w = d * q + m.
+    Planes: nib u8 [N, 16U], d u16 [N, U], m u16 [N, U] (exactly GGUF-sized)."""
 
-    KIND, BLOCK, BLOCK_BYTES, SUB = "q4_1", 32, 20, 32
+    KIND, BLOCK, BLOCK_BYTES = "q4_1", 32, 20
 
     @classmethod
-    def unpack(cls, b):
-        return nibbles(b[:, 4:], 16).astype(np.int8), f16(b[:, 0:2]), f16(b[:, 2:4])
+    def pack(cls, b: np.ndarray) -> tuple[np.ndarray, ...]:
+        return b[:, :, 4:].reshape(len(b), -1), half(b, 0), half(b, 2)
+
+    @classmethod
+    def parts(cls, planes: tuple[np.ndarray, ...]) -> tuple:
+        nib, d, m = planes
+        return cls.q(nib), f32(d), f32(m)
 
 
 class Q5_0(SubBlockKind):
-    """32 weights: f16 d, 32 high bits, 16 bytes of nibbles; w = d * (q - 16)."""
+    """32 weights: f16 d, u32 of fifth bits, 16 nibble bytes; w = d * (q - 16).
+    Planes: nib u8 [N, 16U], qh u32 [N, U], d u16 [N, U]."""
 
-    KIND, BLOCK, BLOCK_BYTES, SUB, HAS_MIN = "q5_0", 32, 22, 32, False
+    KIND, BLOCK, BLOCK_BYTES = "q5_0", 32, 22
 
     @classmethod
-    def unpack(cls, b):
-        q = (nibbles(b[:, 6:], 16) | (bits(b[:, 2:6], 32) << 4)).astype(np.int8) - np.int8(16)
-        return q, f16(b[:, 0:2]), np.zeros((len(b), 1), np.float32)
+    def pack(cls, b: np.ndarray) -> tuple[np.ndarray, ...]:
+        qh = np.ascontiguousarray(b[:, :, 2:6]).view(np.uint32)[..., 0]
+        return b[:, :, 6:].reshape(len(b), -1), qh, half(b, 0)
+
+    @classmethod
+    def parts(cls, planes: tuple[np.ndarray, ...]) -> tuple:
+        nib, qh, d = planes
+        return cls.q(nib, qh).astype(np.int8) - np.int8(16), f32(d), None
 
 
 class Q5_1(SubBlockKind):
-    """32 weights: f16 d, f16 m, 32 high bits, 16 bytes of nibbles; w = d * q + m."""
+    """32 weights: f16 d, f16 m, u32 of fifth bits, 16 nibble bytes; w = d * q + m.
+    Planes: nib u8 [N, 16U], qh u32 [N, U], d u16 [N, U], m u16 [N, U]."""
 
-    KIND, BLOCK, BLOCK_BYTES, SUB = "q5_1", 32, 24, 32
+    KIND, BLOCK, BLOCK_BYTES = "q5_1", 32, 24
 
     @classmethod
-    def unpack(cls, b):
-        q = (nibbles(b[:, 8:], 16) | (bits(b[:, 4:8], 32) << 4)).astype(np.int8)
-        return q, f16(b[:, 0:2]), f16(b[:, 2:4])
+    def pack(cls, b: np.ndarray) -> tuple[np.ndarray, ...]:
+        qh = np.ascontiguousarray(b[:, :, 4:8]).view(np.uint32)[..., 0]
+        return b[:, :, 8:].reshape(len(b), -1), qh, half(b, 0), half(b, 2)
+
+    @classmethod
+    def parts(cls, planes: tuple[np.ndarray, ...]) -> tuple:
+        nib, qh, d, m = planes
+        return cls.q(nib, qh), f32(d), f32(m)
 
 
 def k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The eight 6-bit scales and mins of a Q4_K/Q5_K super-block from its 12 packed bytes."""
-    p = packed.reshape(-1, 3, 4)
-    lo, hi, mix = p[:, 0], p[:, 1], p[:, 2]
+    """The eight 6-bit scales and mins of Q4_K/Q5_K super-blocks from their 12 packed bytes."""
+    p = packed.reshape(*packed.shape[:-1], 3, 4)
+    lo, hi, mix = p[..., 0, :], p[..., 1, :], p[..., 2, :]
     scales = np.concatenate([lo & 0x3F, (mix & 0x0F) | ((lo >> 2) & 0x30)], axis=-1)
     mins = np.concatenate([hi & 0x3F, (mix >> 4) | ((hi >> 2) & 0x30)], axis=-1)
     return scales, mins
 
 
-def _k_scales_f32(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    sc, mn = k_scales(b[:, 4:16])
-    d, dmin = f16(b[:, 0:2]), f16(b[:, 2:4])
-    # m is stored negated: s * q + (-dm) equals gguf's s * q - dm exactly
-    return d * sc.astype(np.float32), -(dmin * mn.astype(np.float32))
-
-
 class Q4_K(SubBlockKind):
-    """256 weights: f16 d, f16 dmin, 12 bytes of scales/mins, 128 bytes of nibbles
-    (each 32 bytes hold sub-blocks 2i in low and 2i+1 in high nibbles)."""
+    """256 weights: f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 128 nibble bytes (each 32
+    hold sub-blocks 2i low, 2i+1 high); w = (d * sc) * q - dmin * mn.
+    Planes: nib u8 [N, 16U], sc u8 [N, U], mn u8 [N, U], d u16 [N, S], dmin u16 [N, S]."""
 
-    KIND, BLOCK, BLOCK_BYTES, SUB = "q4_k", QK_K, 144, 32
-
-    @classmethod
-    def unpack(cls, b):
-        s, m = _k_scales_f32(b)
-        return nibbles(b[:, 16:], 32).astype(np.int8), s, m
-
-
-class Q5_K(SubBlockKind):
-    """256 weights: f16 d, f16 dmin, 12 bytes of scales/mins, 32 bytes of high bits
-    (bit j of byte i is the fifth bit of weight i of sub-block j), 128 bytes of nibbles."""
-
-    KIND, BLOCK, BLOCK_BYTES, SUB = "q5_k", QK_K, 176, 32
+    KIND, BLOCK, BLOCK_BYTES = "q4_k", QK_K, 144
+    HIGH = None  # bytes of the fifth bits (Q5_K)
 
     @classmethod
-    def unpack(cls, b):
-        s, m = _k_scales_f32(b)
-        high = (b[:, 16:48][:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
-        q = nibbles(b[:, 48:], 32) | (high.reshape(len(b), -1) << 4)
-        return q.astype(np.int8), s, m
+    def pack(cls, b: np.ndarray) -> tuple[np.ndarray, ...]:
+        n = len(b)
+        qs = b[:, :, -128:].reshape(n, -1, 4, 1, 32) >> np.array([0, 4], np.uint8)[:, None]
+        w = qs & 15  # [N, S, 4, 2, 32]: sub-block 2i + half, weight
+        if cls.HIGH is not None:
+            h = b[:, :, cls.HIGH : cls.HIGH + 32].reshape(n, -1, 1, 32)
+            h = (h >> np.arange(8, dtype=np.uint8)[:, None]) & 1
+            w = w | (h.reshape(w.shape) << 4)
+        sc, mn = k_scales(b[:, :, 4:16])
+        w = w.reshape(n, -1, 32)
+        planes = [nibble_bytes(w), sc.reshape(n, -1), mn.reshape(n, -1), half(b, 0), half(b, 2)]
+        if cls.HIGH is not None:
+            planes.insert(1, high_bits(w, 1))
+        return tuple(planes)
+
+    @classmethod
+    def parts(cls, planes: tuple[np.ndarray, ...]) -> tuple:
+        nib, qh, (sc, mn, d, dmin) = planes[0], planes[1:-4], planes[-4:]
+        s = np.repeat(f32(d), 8, axis=1) * sc.astype(np.float32)
+        m = -(np.repeat(f32(dmin), 8, axis=1) * mn.astype(np.float32))
+        return cls.q(nib, *qh), s, m  # s * q + (-dm) is exactly gguf's s * q - dm
+
+
+class Q5_K(Q4_K):
+    """Q4_K plus 32 bytes of fifth bits (bit j of byte i: weight i of sub-block j).
+    Planes: nib u8 [N, 16U], qh u32 [N, U], sc, mn u8 [N, U], d, dmin u16 [N, S]."""
+
+    KIND, BLOCK, BLOCK_BYTES, HIGH = "q5_k", QK_K, 176, 16
 
 
 class Q6_K(SubBlockKind):
     """256 weights: 128 bytes of low nibbles, 64 bytes of 2-bit highs, 16 int8 scales, f16 d;
-    w = d * scale * (q - 32) over sub-blocks of 16."""
+    w = (d * scale) * (q - 32) over sub-blocks of 16.
+    Planes: nib u8 [N, 16U], qh u32 [N, 2U] (2 bits per weight), sc i8 [N, 2U], d u16 [N, S]."""
 
-    KIND, BLOCK, BLOCK_BYTES, SUB, HAS_MIN = "q6_k", QK_K, 210, 16, False
+    KIND, BLOCK, BLOCK_BYTES = "q6_k", QK_K, 210
 
     @classmethod
-    def unpack(cls, b):
+    def pack(cls, b: np.ndarray) -> tuple[np.ndarray, ...]:
         n = len(b)
-        low = nibbles(b[:, :128], 64).reshape(n, -1, 32)  # 8 runs of 32 weights
+        low = b[:, :, :128].reshape(n, -1, 2, 1, 64) >> np.array([0, 4], np.uint8)[:, None]
         high = (
-            b[:, 128:192].reshape(n, 2, 1, 32)
-            >> np.array([0, 2, 4, 6], np.uint8)[None, None, :, None]
-        ) & 3
-        q = (low | (high.reshape(n, -1, 32) << 4)).reshape(n, QK_K).astype(np.int8) - np.int8(32)
-        s = f16(b[:, 208:210]) * b[:, 192:208].view(np.int8).astype(np.float32)
-        return q, s, np.zeros((n, QK_K // 16), np.float32)
+            b[:, :, 128:192].reshape(n, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]
+        )
+        w = (low & 15).reshape(n, -1, 8, 32) | ((high & 3).reshape(n, -1, 8, 32) << 4)
+        w = w.reshape(n, -1, 32)
+        sc = np.ascontiguousarray(b[:, :, 192:208]).view(np.int8).reshape(n, -1)
+        return nibble_bytes(w), high_bits(w.reshape(n, -1, 16), 2), sc, half(b, 208)
+
+    @classmethod
+    def parts(cls, planes: tuple[np.ndarray, ...]) -> tuple:
+        nib, qh, sc, d = planes
+        s = np.repeat(f32(d), 16, axis=1) * sc.astype(np.float32)
+        return cls.q(nib, qh).astype(np.int8) - np.int8(32), s, None
 
 
 KINDS = (Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)
+
+
+def f32(h: np.ndarray) -> np.ndarray:
+    """float32 values of raw f16 bits."""
+    return h.view(np.float16).astype(np.float32)
+
+
+@njit(nogil=True, inline="always")
+def flat(a):
+    return a.reshape(a.size)
+
+
+@njit(nogil=True, fastmath=FM, inline="always")
+def _halves(d, f0, n, out):  # out[i] = d[f0 + i] as float32
+    src = d[f0 : f0 + n]
+    for i in range(n):
+        out[np.uint64(i)] = h2f(src[np.uint64(i)])  # unsigned: no wraparound code, vectorizes
+
+
+@overload(scales_per_unit)
+def _spu(planes):
+    spu = spec_of(planes)[3]
+    return lambda planes: spu
+
+
+@overload(fill, jit_options={"fastmath": FM})
+def _fill(planes, f0, n, s, m):
+    kind = spec_of(planes)[0]
+    one, neg = np.float32(1.0), np.float32(-1.0)
+
+    def f16_scales(planes, f0, n, s, m):
+        _halves(flat(planes[-2]), f0, n, s)
+        _halves(flat(planes[-1]), f0, n, m)
+
+    def q5_0(planes, f0, n, s, m):
+        _halves(flat(planes[-1]), f0, n, s)
+        for i in range(n):
+            m[np.uint64(i)] = np.float32(-16.0) * s[np.uint64(i)]
+
+    def k_quant(planes, f0, n, s, m):
+        expand8(flat(planes[-2]), flat(planes[-4]), f0, n, s, one)
+        expand8(flat(planes[-1]), flat(planes[-3]), f0, n, m, neg)
+
+    def q6_k(planes, f0, n, s, m):  # two scales per unit
+        expand16(flat(planes[3]), flat(planes[2]), 2 * f0, 2 * n, s, one)
+
+    return {"q4_1": f16_scales, "q5_1": f16_scales, "q5_0": q5_0, "q6_k": q6_k}.get(kind, k_quant)

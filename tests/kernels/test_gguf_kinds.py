@@ -7,7 +7,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize
 
-from mer.kernels.matmul import dequantize, from_gguf_blocks, matmul
+from mer.kernels.matmul import dequantize, from_gguf_blocks, matmul, run_kernel
 from mer.kernels.mm_gguf import KINDS
 
 QTYPES = {
@@ -77,3 +77,55 @@ def test_misaligned_columns_rejected():
     w = from_gguf_blocks(random_blocks("q4_k", 2, 256), "q4_k", 2, 256)
     with pytest.raises(ValueError, match="multiples"):
         matmul(w, np.zeros((1, 256), np.float32), col_range=(0, 32))
+
+
+def reference(w, x, r0, r1, c0, c1):
+    """float64 x[:, c0:c1] @ W[r0:r1, c0:c1].T from the bit-exact dequantization."""
+    return x[:, c0:c1].astype(np.float64) @ dequantize(w)[r0:r1, c0:c1].astype(np.float64).T
+
+
+@pytest.mark.parametrize("kind", sorted(QTYPES))
+@pytest.mark.parametrize("n", [1, 3, 17, 300])
+def test_matmul_row_and_col_ranges(kind, n):
+    # odd row counts and ranges exercise the clamped tail rows of the 4-row passes; a partial
+    # column range takes the per-row scale expansion; n = 300 the dequantized-tile path
+    cls = next(k for k in KINDS if k.KIND == kind)
+    rows, cols = 37, cls.BLOCK * (3 if cls.BLOCK == 256 else 24)
+    w = from_gguf_blocks(random_blocks(kind, rows, cols), kind, rows, cols)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    for (r0, r1), (c0, c1) in [
+        ((0, rows), (0, cols)),
+        ((3, rows - 2), (cls.BLOCK, cols - cls.BLOCK)),
+        ((5, 6), (0, cls.BLOCK)),
+        ((0, rows), (cols - cls.BLOCK, cols)),
+    ]:
+        out = np.full((n, rows), 7.0, np.float32)
+        matmul(w, x, out, row_range=(r0, r1), col_range=(c0, c1))
+        ref = reference(w, x, r0, r1, c0, c1)
+        np.testing.assert_allclose(out[:, r0:r1], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+        assert (out[:, :r0] == 7.0).all() and (out[:, r1:] == 7.0).all()
+
+
+@pytest.mark.parametrize("kind", sorted(QTYPES))
+@pytest.mark.parametrize("n", [1, 17])
+def test_run_kernel_offsets(kind, n):
+    # x holding only columns c0.. and out only rows r0..r1 (as expert_forward slices them)
+    cls = next(k for k in KINDS if k.KIND == kind)
+    rows, cols = 40, cls.BLOCK * 4
+    w = from_gguf_blocks(random_blocks(kind, rows, cols), kind, rows, cols)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    r0, r1, c0, c1 = 6, 29, cls.BLOCK, 3 * cls.BLOCK
+    out = np.zeros((n, r1 - r0), np.float32)
+    run_kernel(w, np.ascontiguousarray(x[:, c0:]), out, r0, r1, c0, c1, c0, r0)
+    ref = reference(w, x, r0, r1, c0, c1)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("kind", sorted(QTYPES))
+def test_planes_stay_gguf_sized(kind):
+    # the kernels read packed planes: within 3% of the GGUF bytes (K-quants unpack 6-bit scales)
+    cls = next(k for k in KINDS if k.KIND == kind)
+    w = from_gguf_blocks(random_blocks(kind, 4, 512), kind, 4, 512)
+    assert w.gguf_nbytes <= w.nbytes <= 1.03 * w.gguf_nbytes
+    assert all(p.flags.c_contiguous for p in w.planes)
+    assert cls.BLOCK_BYTES * (512 // cls.BLOCK) * 4 == w.gguf_nbytes

@@ -1,0 +1,112 @@
+"""Matvec (n=1) throughput of the GGUF sub-block kinds against the machine's memory bandwidth.
+
+Kinds: q4_1, q5_0, q5_1, q4_k, q5_k, q6_k. Shapes: [14336, 4096] (a large FFN matrix) and
+[1536, 576] (SmolLM2-135M's gate/up; [1536, 768] for the K-quants, whose rows hold whole
+256-weight super-blocks). Each timed run reads a whole matrix; enough distinct copies are
+cycled that their total (>= --pool MiB) dwarfs the last-level cache, as in decode, where every
+matrix streams from DRAM. Throughput is GGUF bytes (rows * cols / BLOCK * BLOCK_BYTES) / time;
+"ratio" divides it by the read bandwidth measured in the same run with the same number of
+threads (NumPy sum over a 1 GiB float32 array split across that many Python threads).
+
+    python bench/subblock.py [--threads 1,2] [--repeat 15] [--kinds q4_1,q6_k] [--pool 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+import numpy as np
+
+from mer.kernels import matmul as mm
+from mer.kernels.mm_gguf import KINDS
+
+SHAPES = ((14336, 4096), (1536, 576))  # K-quants: cols rounded up to 256 (576 -> 768)
+F16_FIELDS = {"q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "q4_k": (0, 2), "q5_k": (0, 2)}
+
+
+def read_bandwidth(threads: int, repeat: int) -> float:
+    """GB/s of NumPy summing a 1 GiB float32 array, split across `threads` threads."""
+    a = np.ones(1 << 28, np.float32)
+    parts = np.array_split(a, threads)
+
+    def one_pass() -> float:
+        workers = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
+        t = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return time.perf_counter() - t
+
+    one_pass()
+    return a.nbytes / np.median([one_pass() for _ in range(repeat)]) / 1e9
+
+
+def random_weight(kind: str, rows: int, cols: int, rng: np.random.Generator) -> mm.PackedWeight:
+    """Random GGUF blocks of `kind` with finite, moderate f16 scales."""
+    cls = next(k for k in KINDS if k.KIND == kind)
+    nb = rows * cols // cls.BLOCK
+    raw = rng.integers(0, 256, size=(nb, cls.BLOCK_BYTES), dtype=np.uint8)
+    for off in F16_FIELDS.get(kind, (208,)):
+        scale = (rng.standard_normal(nb) * 0.05).astype(np.float16)
+        raw[:, off : off + 2] = scale.view(np.uint8).reshape(nb, 2)
+    return mm.from_gguf_blocks(raw.reshape(-1), kind, rows, cols)
+
+
+def time_matvec(ws: list[mm.PackedWeight], threads: int, repeat: int) -> float:
+    """Median seconds of one matvec, cycling through the copies."""
+    mm.set_num_threads(threads)
+    x = np.random.default_rng(1).standard_normal((1, ws[0].cols), dtype=np.float32)
+    out = np.empty((1, ws[0].rows), np.float32)
+    for w in ws[:2]:
+        mm.matmul(w, x, out)  # compile / warm up
+    times = []
+    for i in range(max(repeat, len(ws))):
+        t = time.perf_counter()
+        mm.matmul(ws[i % len(ws)], x, out)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    ap.add_argument("--repeat", type=int, default=15, help="timed runs per case (median)")
+    ap.add_argument("--kinds", default=",".join(k.KIND for k in KINDS), help="comma-separated")
+    ap.add_argument("--pool", type=int, default=512, help="MiB of distinct copies per case")
+    args = ap.parse_args()
+    threads = [int(t) for t in args.threads.split(",")]
+
+    bw = {t: read_bandwidth(t, max(3, args.repeat // 3)) for t in threads}
+    for t in threads:
+        print(f"memory read bandwidth, {t} thread(s): {bw[t]:.1f} GB/s")
+    rng = np.random.default_rng(0)
+    rows = []
+    for n_out, k_in in SHAPES:
+        for kind in args.kinds.split(","):
+            if kind.endswith("_k"):  # K-quant rows hold whole 256-weight super-blocks
+                k_in = -(-k_in // 256) * 256
+            w = random_weight(kind, n_out, k_in, rng)
+            copies = max(2, -(-(args.pool << 20) // w.nbytes))
+            ws = [w] + [
+                mm.PackedWeight(kind, n_out, k_in, tuple(p.copy() for p in w.planes))
+                for _ in range(copies - 1)
+            ]
+            for t in threads:
+                sec = time_matvec(ws, t, args.repeat)
+                gbs = w.gguf_nbytes / sec / 1e9
+                rows.append((f"{n_out}x{k_in}", kind, t, sec * 1e3, gbs, gbs / bw[t]))
+                print(
+                    f"{n_out}x{k_in} {kind} {t}T: {sec * 1e3:7.3f} ms {gbs:6.1f} GB/s", flush=True
+                )
+            del ws, w
+    print()
+    print(f"{'shape':10s} {'kind':5s} {'thr':>3s} {'ms':>8s} {'GB/s':>6s} {'ratio':>6s}")
+    for shape, kind, t, ms, gbs, ratio in rows:
+        print(f"{shape:10s} {kind:5s} {t:3d} {ms:8.3f} {gbs:6.1f} {ratio:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
