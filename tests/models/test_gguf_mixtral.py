@@ -178,3 +178,28 @@ def test_unsupported_block_type(files, tmp_path):
 
     bad = gguf_files.rewrite(files[1]["q4_0"], tmp_path / "iq.gguf", tensors=to_iq4_nl)
     assert_load_error(bad, "iq.gguf", "blk.0.attn_q.weight", "IQ4_NL")
+
+
+def test_dequantize_equals_gguf_on_every_file_tensor(files):
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from mer.io.gguf import GGUFFile
+    from mer.kernels.matmul import dequantize, from_gguf_blocks
+    from mer.models.sources import resolve_model
+
+    seen = set()
+    for path in [*files[1].values(), resolve_model(None)]:
+        gg = GGUFFile(path)
+        for name, t in gg.tensors.items():
+            raw, kind = gg.tensor(name)
+            if kind in ("f32", "f16", "bf16"):
+                continue
+            rows = raw.reshape(-1, raw.shape[-1])
+            cols = int(t.shape[0])
+            if rows.shape[0] > 4096:  # the 49152-row SmolLM2 embedding: a slice is enough
+                rows = rows[:4096]
+            expected = gguf_dequantize(np.ascontiguousarray(rows), t.tensor_type)
+            got = dequantize(from_gguf_blocks(rows, kind, rows.shape[0], cols))
+            np.testing.assert_array_equal(got, expected.reshape(rows.shape[0], cols), err_msg=name)
+            seen.add(kind)
+    assert seen >= {"q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"}
