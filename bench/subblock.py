@@ -14,34 +14,15 @@ threads (NumPy sum over a 1 GiB float32 array split across that many Python thre
 from __future__ import annotations
 
 import argparse
-import threading
-import time
 
 import numpy as np
+from kernels import read_bandwidth, time_matvec  # bench/kernels.py, run from bench/
 
 from mer.kernels import matmul as mm
 from mer.kernels.mm_gguf import KINDS
 
 SHAPES = ((14336, 4096), (1536, 576))  # K-quants: cols rounded up to 256 (576 -> 768)
 F16_FIELDS = {"q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2), "q4_k": (0, 2), "q5_k": (0, 2)}
-
-
-def read_bandwidth(threads: int, repeat: int) -> float:
-    """GB/s of NumPy summing a 1 GiB float32 array, split across `threads` threads."""
-    a = np.ones(1 << 28, np.float32)
-    parts = np.array_split(a, threads)
-
-    def one_pass() -> float:
-        workers = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
-        t = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        return time.perf_counter() - t
-
-    one_pass()
-    return a.nbytes / np.median([one_pass() for _ in range(repeat)]) / 1e9
 
 
 def random_weight(kind: str, rows: int, cols: int, rng: np.random.Generator) -> mm.PackedWeight:
@@ -53,21 +34,6 @@ def random_weight(kind: str, rows: int, cols: int, rng: np.random.Generator) -> 
         scale = (rng.standard_normal(nb) * 0.05).astype(np.float16)
         raw[:, off : off + 2] = scale.view(np.uint8).reshape(nb, 2)
     return mm.from_gguf_blocks(raw.reshape(-1), kind, rows, cols)
-
-
-def time_matvec(ws: list[mm.PackedWeight], threads: int, repeat: int) -> float:
-    """Median seconds of one matvec, cycling through the copies."""
-    mm.set_num_threads(threads)
-    x = np.random.default_rng(1).standard_normal((1, ws[0].cols), dtype=np.float32)
-    out = np.empty((1, ws[0].rows), np.float32)
-    for w in ws[:2]:
-        mm.matmul(w, x, out)  # compile / warm up
-    times = []
-    for i in range(max(repeat, len(ws))):
-        t = time.perf_counter()
-        mm.matmul(ws[i % len(ws)], x, out)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def main() -> None:
