@@ -16,11 +16,11 @@ from types import ModuleType
 import numba
 import numpy as np
 
-from . import mm_bf16, mm_f16, mm_f32, mm_gguf, mm_q4_0, mm_q8_0
+from . import mm_f32, mm_gguf, mm_half, mm_q4_0, mm_q8_0
 from .quantize import quantize_blocks
 
 _KINDS: dict[str, ModuleType] = {
-    m.KIND: m for m in (mm_f32, mm_f16, mm_bf16, mm_q8_0, mm_q4_0, *mm_gguf.KINDS)
+    m.KIND: m for m in (mm_f32, mm_half.F16, mm_half.BF16, mm_q8_0, mm_q4_0, *mm_gguf.KINDS)
 }
 _FLOAT_DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
 _QUANT_KINDS = ("q8_0", "q4_0")

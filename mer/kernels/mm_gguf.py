@@ -14,8 +14,8 @@ import numpy as np
 from numba import njit
 from numba.extending import overload
 
-from .mm_f16 import h2f
 from .mm_f32 import FM
+from .mm_half import h2f
 from .mm_sb_ir import expand8, expand16, spec_of
 from .mm_subblock import SubBlockKind, fill, half, high_bits, nibble_bytes, scales_per_unit
 

@@ -13,7 +13,6 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from .mm_f16 import h2f
 from .mm_f32 import (
     COL_CHUNK,
     FM,
@@ -25,6 +24,7 @@ from .mm_f32 import (
     gemm_tile,
     prefetch,
 )
+from .mm_half import h2f
 from .mm_q8_0 import transpose_x
 
 KIND = "q4_0"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .mm_f16 import h2f
 from .mm_f32 import (
     COL_CHUNK,
     FM,
@@ -25,6 +24,7 @@ from .mm_f32 import (
     gemm_tile,
     prefetch,
 )
+from .mm_half import h2f
 
 KIND = "q8_0"
 BLOCK = 32
