@@ -7,15 +7,12 @@ pool of `queue_depth` threads) and "buffered" (the same on a plain fd, through t
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import mmap
 import os
-import struct
 from collections import deque
 from collections.abc import Iterable
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -23,16 +20,11 @@ import xxhash
 
 from mer.errors import MerError
 from mer.io.arena import ALIGN, Arena, round_up
-
-try:
-    import liburing
-except ImportError:  # pragma: no cover - a dependency, but keep "auto" working without it
-    liburing = None
+from mer.io.engines import Threads, Uring, errno_text
 
 logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "uring", "preadv", "buffered")
 _LOGGED: set[tuple[str, str]] = set()
-_HEAD = object.__basicsize__  # PyObject header that precedes liburing.Iovec's {len, iovec*}
 
 
 class ExpertReadError(MerError):
@@ -40,7 +32,8 @@ class ExpertReadError(MerError):
 
 
 class ReadRequest(NamedTuple):
-    """Read `length` bytes at file `offset` into `arena` slot `slot`; `tag` comes back as is."""
+    """Read `length` bytes at file `offset` into `arena` slot `slot`, starting `into` bytes into
+    the slot (a multiple of 4096 under O_DIRECT); `tag` comes back as is."""
 
     offset: int
     length: int
@@ -48,6 +41,7 @@ class ReadRequest(NamedTuple):
     slot: int
     expected: int | None = None  # xxh3_64 integer digest of the `length` bytes, or None
     tag: Any = None
+    into: int = 0
 
 
 @dataclass(slots=True)
@@ -90,139 +84,8 @@ class _Job:
     cause: str | None = None  # errno text of a failed chunk
 
 
-def _errno_text(code: int) -> str:
-    return f"{errno.errorcode.get(code, f'errno {code}')} ({os.strerror(code)})"
-
-
 def _short(got: int, want: int) -> str:
     return f"short read ({got} of {want} bytes, past end of file?)"
-
-
-def _pread(fd: int, arena: Arena, buf_off: int, n: int, file_off: int) -> int:
-    """os.preadv into arena memory; bytes read, or -errno (the reader retries, not the thread)."""
-    with arena.buf as whole, whole[buf_off : buf_off + n] as view:
-        try:
-            return os.preadv(fd, [view], file_off)
-        except OSError as e:
-            return -(e.errno or errno.EIO)
-
-
-class _Threads:
-    """preadv engine: a thread per in-flight chunk (os.preadv releases the GIL)."""
-
-    def __init__(self, fd: int, depth: int) -> None:
-        self._fd = fd
-        self._pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="mer-io")
-        self._futs: dict[Any, int] = {}
-
-    def start(self, op: int, arena: Arena, buf_off: int, n: int, file_off: int) -> None:
-        self._futs[self._pool.submit(_pread, self._fd, arena, buf_off, n, file_off)] = op
-
-    def flush(self) -> None:
-        pass
-
-    def reap(self, block: bool) -> list[tuple[int, int]]:
-        done, _ = wait(self._futs, timeout=None if block else 0, return_when=FIRST_COMPLETED)
-        return [(self._futs.pop(f), f.result()) for f in done]
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-
-
-class _Uring:
-    """io_uring engine: one READV per chunk, its iovec pointed straight at arena memory.
-
-    liburing.Iovec holds a buffer export on any memoryview it is given and never releases it,
-    which would pin the arena's mmap forever. So a pool of one-entry Iovecs is made once from
-    throwaway bytearrays and their iovec (base, len) is rewritten in place before each read; the
-    layout is checked against a known buffer first.
-    """
-
-    def __init__(self, fd: int, depth: int) -> None:
-        if liburing is None:
-            raise OSError(errno.ENOSYS, "the liburing package is not importable")
-        if not _iovec_layout_ok():
-            raise OSError(errno.ENOTSUP, "unexpected liburing.Iovec memory layout")
-        self._fd = fd
-        self._ring = liburing.Ring()
-        liburing.io_uring_queue_init(depth, self._ring)
-        self._cqe = liburing.Cqe()
-        self._free = [_one_iovec() for _ in range(depth)]
-        self._busy: dict[int, tuple[Any, Any]] = {}
-
-    def start(self, op: int, arena: Arena, buf_off: int, n: int, file_off: int) -> None:
-        iov, entry = item = self._free.pop()
-        entry[0], entry[1] = arena.address + buf_off, n
-        sqe = liburing.io_uring_get_sqe(self._ring)
-        liburing.io_uring_prep_readv(sqe, self._fd, iov, file_off)
-        liburing.io_uring_sqe_set_data64(sqe, op)
-        self._busy[op] = item
-
-    def flush(self) -> None:
-        while liburing.io_uring_sq_ready(self._ring):
-            try:
-                liburing.io_uring_submit(self._ring)
-            except (InterruptedError, BlockingIOError):  # transient: try again
-                continue
-
-    def reap(self, block: bool) -> list[tuple[int, int]]:
-        while block:
-            try:
-                liburing.io_uring_wait_cqe(self._ring, self._cqe)
-                break
-            except InterruptedError:
-                continue
-        done = []
-        for _ in liburing.CqeIter(self._ring, self._cqe):
-            cqe = self._cqe[0]
-            try:
-                res = cqe.res
-            except OSError as e:  # the binding raises for a negative res
-                res = -(e.errno or errno.EIO)
-            done.append((cqe.user_data, res))
-        if done:
-            liburing.io_uring_cq_advance(self._ring, len(done))
-        for op, _ in done:
-            self._free.append(self._busy.pop(op))
-        return done
-
-    def close(self) -> None:
-        liburing.io_uring_queue_exit(self._ring)
-
-
-def _iovec_entry(iov: Any) -> Any:
-    """The (iov_base, iov_len) pair of a one-entry liburing.Iovec, as a writable ctypes array."""
-    ptr = ctypes.c_size_t.from_address(id(iov) + _HEAD + 8).value
-    return (ctypes.c_size_t * 2).from_address(ptr)
-
-
-def _one_iovec() -> tuple[Any, Any]:
-    iov = liburing.Iovec([bytearray(1)])
-    return iov, _iovec_entry(iov)
-
-
-def _iovec_layout_ok() -> bool:
-    """Whether liburing.Iovec is laid out as _iovec_entry assumes, checked on a known buffer.
-
-    Memory is peeked through /proc/self/mem, so a wrong guess reads EIO instead of crashing.
-    """
-    ba = bytearray(8192)
-    iov = liburing.Iovec([ba])
-    pin = ctypes.c_char.from_buffer(ba)
-    addr = ctypes.addressof(pin)
-    del pin
-    if type(iov).__basicsize__ < _HEAD + 16:
-        return False
-    try:
-        fd = os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            n, ptr = struct.unpack("NN", os.pread(fd, 16, id(iov) + _HEAD))
-            entry = struct.unpack("NN", os.pread(fd, 16, ptr)) if n == 1 else None
-        finally:
-            os.close(fd)
-    except (OSError, OverflowError, struct.error):
-        return False
-    return entry == (addr, len(ba))
 
 
 class ExpertReader:
@@ -282,7 +145,7 @@ class ExpertReader:
             except OSError as e:
                 if want != "auto" or e.errno != errno.EINVAL:
                     raise self._error(
-                        0, ALIGN, f"O_DIRECT refused: {_errno_text(e.errno or 0)}"
+                        0, ALIGN, f"O_DIRECT refused: {errno_text(e.errno or 0)}"
                     ) from e
                 if self._fd >= 0:
                     os.close(self._fd)
@@ -290,18 +153,18 @@ class ExpertReader:
                 want, reason = "buffered", "o_direct_refused"
         if want == "buffered":
             self._fd = self._open_fd(0)
-            self._engine: _Threads | _Uring = _Threads(self._fd, self.queue_depth)
+            self._engine: Threads | Uring = Threads(self._fd, self.queue_depth)
             return "buffered", reason
         if want != "preadv":
             try:
-                self._engine = _Uring(self._fd, self.queue_depth)
+                self._engine = Uring(self._fd, self.queue_depth)
                 self._check_uring()
                 return "uring", reason if want == "uring" else "io_uring_ok"
             except OSError as e:
                 if want == "uring":
                     raise self._error(0, ALIGN, f"io_uring unavailable: {e}") from e
                 reason = f"io_uring_unavailable:{errno.errorcode.get(e.errno or 0, 'error')}"
-        self._engine = _Threads(self._fd, self.queue_depth)
+        self._engine = Threads(self._fd, self.queue_depth)
         return "preadv", reason
 
     def _open_fd(self, flags: int) -> int:
@@ -310,7 +173,7 @@ class ExpertReader:
         except OSError as e:
             if flags and e.errno == errno.EINVAL:
                 raise  # O_DIRECT refused by the filesystem: "auto" falls back
-            raise self._error(0, 0, f"cannot open: {_errno_text(e.errno or 0)}") from e
+            raise self._error(0, 0, f"cannot open: {errno_text(e.errno or 0)}") from e
 
     def _check_uring(self) -> None:
         """Read the first page with io_uring and with preadv; they must agree."""
@@ -336,7 +199,7 @@ class ExpertReader:
         return bool(self._ops or self._pending)
 
     def submit(self, requests: Iterable[ReadRequest | tuple]) -> None:
-        """Queue requests (offset, length, arena, slot, expected, tag); I/O starts right away."""
+        """Queue requests (offset, length, arena, slot, expected, tag, into); I/O starts now."""
         jobs = [self._job(ReadRequest(*r)) for r in requests]  # validate all before queueing any
         self._pending.extend(jobs)
         self.stats.requests += len(jobs)
@@ -345,12 +208,12 @@ class ExpertReader:
     def _job(self, r: ReadRequest) -> _Job:
         if r.length <= 0 or r.offset < 0:
             raise self._error(r.offset, r.length, "need a positive length and offset >= 0")
-        if self.direct and r.offset % ALIGN:
+        if self.direct and (r.offset % ALIGN or r.into % ALIGN):
             raise self._error(r.offset, r.length, f"offset not {ALIGN}-aligned, O_DIRECT needs it")
         span = round_up(r.length) if self.direct else r.length
-        if not 0 <= r.slot < r.arena.n_slots or span > r.arena.slot_size:
+        if not 0 <= r.slot < r.arena.n_slots or not 0 <= r.into <= r.arena.slot_size - span:
             raise self._error(r.offset, r.length, f"does not fit slot {r.slot} of the arena")
-        base, step = r.arena.slot_offset(r.slot), self._chunk
+        base, step = r.arena.slot_offset(r.slot) + r.into, self._chunk
         chunks = [
             (base + p, min(step, span - p), r.offset + p, max(0, min(step, r.length - p)))
             for p in range(0, span, step)
@@ -390,7 +253,7 @@ class ExpertReader:
             job, need = self._ops.pop(op)
             job.outstanding -= 1
             if res < 0:
-                job.cause = job.cause or _errno_text(-res)
+                job.cause = job.cause or errno_text(-res)
             else:
                 job.got += min(res, need)
                 job.short |= res < need
@@ -404,7 +267,7 @@ class ExpertReader:
         if job.cause is None and job.short:
             job.cause = _short(job.got, r.length)
         if job.cause is None:
-            with r.arena.slot_view(r.slot) as view, view[: r.length] as data:
+            with r.arena.slot_view(r.slot) as view, view[r.into : r.into + r.length] as data:
                 job.cause = self._mismatch(data, r.expected)
         if job.cause is not None and job.attempt == 1 and not self._closed:
             self.stats.retries += 1
@@ -451,7 +314,7 @@ class ExpertReader:
                         n = os.preadv(self._fd, [page], start) - skip
                         cause = None if n >= length else _short(max(n, 0), length)
                     except OSError as e:
-                        cause = _errno_text(e.errno or errno.EIO)
+                        cause = errno_text(e.errno or errno.EIO)
                     if cause is None:
                         with memoryview(page) as src:
                             dst[:length] = src[skip : skip + length]
