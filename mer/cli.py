@@ -34,7 +34,62 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--json", action="store_true", help="print token ids and text as one JSON object"
     )
+    p.add_argument(
+        "--cache-bytes",
+        type=parse_size,
+        help="stream experts from disk through a RAM cache of this size (e.g. 2G, 512M)",
+    )
+    p.add_argument(
+        "--io-backend",
+        choices=["auto", "uring", "preadv", "buffered"],
+        default="auto",
+        help="how streamed experts are read (default: io_uring, falling back by itself)",
+    )
+    p.add_argument(
+        "--stats", action="store_true", help="print the expert cache's telemetry to stderr"
+    )
     p.set_defaults(run=_run_generate)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "123", "64K", "512M", "2G", "1.5G" (powers of 1024)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = value[-1:] if value[-1:] in units else ""
+    try:
+        number = float(value[: len(value) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2G or 512M)") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return int(number * units[unit])
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert", help="convert a Hugging Face directory or GGUF file into a mer store"
+    )
+    p.add_argument("src", help="model directory or .gguf file")
+    p.add_argument("dst", help="directory to write the store into")
+    p.add_argument("--quant", choices=["q8_0", "q4_0"], help="re-quantize expert weights")
+    p.add_argument("--force", action="store_true", help="replace an existing store at DST")
+    p.set_defaults(run=_run_convert)
+
+
+def _run_convert(opts: argparse.Namespace) -> int:
+    from mer.store.convert import convert
+
+    start = time.perf_counter()
+    manifest = convert(
+        opts.src, opts.dst, quant=opts.quant, force=opts.force, progress=sys.stderr.isatty()
+    )
+    experts = manifest["experts"]
+    print(
+        f"{opts.dst}: {len(experts['entries'])} experts ({experts['bytes'] / 2**20:.1f} MiB) "
+        f"and {manifest['dense']['bytes'] / 2**20:.1f} MiB of dense weights "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
+    return 0
 
 
 def _run_generate(opts: argparse.Namespace) -> int:
@@ -59,7 +114,16 @@ def _run_generate(opts: argparse.Namespace) -> int:
         quant=opts.quant,
         threads=opts.threads,
         max_seq_len=opts.max_seq_len,
+        cache_bytes=opts.cache_bytes,
+        io_backend=opts.io_backend,
     )
+    try:
+        return _generate(model, params, opts)
+    finally:
+        model.close()
+
+
+def _generate(model, params, opts: argparse.Namespace) -> int:
     tok = model.tokenizer
     if tok is None:
         raise MerError(f"{model.source}: the model has no tokenizer")
@@ -94,6 +158,9 @@ def _run_generate(opts: argparse.Namespace) -> int:
             f"first token {1000 * (first_s or 0):.0f} ms, {rate:.1f} tokens/s]",
             file=sys.stderr,
         )
+    if opts.stats:
+        stats = model.expert_stats()
+        print(json.dumps(stats) if stats else "[every expert resident: no cache]", file=sys.stderr)
     return 0
 
 
@@ -181,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_convert(sub)
     sub.add_parser("models", help="list where models come from").set_defaults(run=_run_models)
     _add_trace(sub)
     return parser

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mer.cache.streamer import ExpertStreamer
 from mer.errors import ModelFormatError
 from mer.kernels.matmul import set_num_threads
 from mer.models.args import ModelArgs
@@ -20,13 +21,35 @@ class Model:
     """A loaded model: tokenizer, weights and the forward pass."""
 
     def __init__(
-        self, args: ModelArgs, weights: ModelWeights, tokenizer: Tokenizer | None, source: Path
+        self,
+        args: ModelArgs,
+        weights: ModelWeights,
+        tokenizer: Tokenizer | None,
+        source: Path,
+        streamer: ExpertStreamer | None = None,
     ) -> None:
         self.args = args
         self.weights = weights
         self.tokenizer = tokenizer
         self.source = source
         self.transformer = Transformer(args, weights)
+        self.transformer.streamer = self.streamer = streamer
+
+    def expert_stats(self) -> dict | None:
+        """Telemetry of the expert cache (see ExpertStreamer.telemetry), or None when every
+        expert is resident."""
+        return None if self.streamer is None else self.streamer.telemetry()
+
+    def close(self) -> None:
+        """Free the expert cache's shared memory and close its files (streamed models)."""
+        if self.streamer is not None:
+            self.streamer.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def new_cache(self) -> KVCache:
         return KVCache(self.args)
@@ -82,24 +105,41 @@ def load_model(
     quant: str | None = None,
     threads: int | None = None,
     max_seq_len: int | None = None,
+    cache_bytes: int | None = None,
+    io_backend: str = "auto",
+    verify: bool = True,
+    prefetch: bool = True,
 ) -> Model:
-    """Load a model from a Hugging Face directory or a GGUF file.
+    """Load a model from a mer store, a Hugging Face directory or a GGUF file.
 
     quant: "q8_0" or "q4_0" quantizes expert (FFN) weights on load; threads: kernel threads
     (default: all cores); max_seq_len: cap the context below the model's own maximum.
+    cache_bytes: stream experts from disk through a RAM cache of this many bytes instead of
+    loading them all; io_backend: "auto", "uring", "preadv" or "buffered"; verify: check
+    expert checksums (stores) on first read; prefetch: read predicted experts ahead.
     """
     from dataclasses import replace
 
+    from mer.cache.sources import FileExperts
     from mer.models.gguf import load_gguf
     from mer.models.hf import load_hf_dir
+    from mer.store.format import is_store
+    from mer.store.load import load_store
 
     source = Path(path)
     if not source.exists():
         raise ModelFormatError(f"{source}: no such model file or directory")
     if threads is not None:
         set_num_threads(threads)
-    if source.is_dir():
-        args, weights = load_hf_dir(source, quant)
+    stream = cache_bytes is not None
+    if is_store(source):
+        if quant is not None:
+            raise ModelFormatError(
+                f"{source}: a mer store is already packed; choose --quant at `mer convert`"
+            )
+        args, weights, tokenizer, experts = load_store(source, stream=stream, verify=verify)
+    elif source.is_dir():
+        args, weights = load_hf_dir(source, quant, stream=stream)
         tokenizer = Tokenizer.from_hf_dir(source) if (source / "tokenizer.json").exists() else None
     else:
         if quant is not None:
@@ -107,7 +147,19 @@ def load_model(
                 f"{source}: --quant applies to Hugging Face checkpoints; "
                 "GGUF files are already quantized"
             )
-        args, weights, tokenizer = load_gguf(source)
+        args, weights, tokenizer = load_gguf(source, stream=stream)
     if max_seq_len is not None:
         args = replace(args, max_seq_len=min(args.max_seq_len, max_seq_len))
-    return Model(args, weights, tokenizer, source)
+    streamer = None
+    if stream:
+        if not is_store(source):
+            experts = FileExperts([layer.experts for layer in weights.layers])
+        streamer = ExpertStreamer(
+            experts,
+            cache_bytes,
+            n_experts_per_tok=args.n_experts_per_tok,
+            backend=io_backend,
+            verify=verify,
+            prefetch=prefetch,
+        )
+    return Model(args, weights, tokenizer, source, streamer)

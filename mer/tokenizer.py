@@ -252,6 +252,10 @@ class Tokenizer:
             )
         return tok
 
+    def backend_json(self) -> str:
+        """The backend as tokenizer.json text (added tokens and post-processor included)."""
+        return self._backend.to_str()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids for `text`; special tokens written in the text are recognised."""
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids

@@ -25,7 +25,7 @@ _HEAD = object.__basicsize__  # PyObject header that precedes liburing.Iovec's {
 
 
 def errno_text(code: int) -> str:
-    """"EIO (Input/output error)" for an errno value."""
+    """The errno name and message of `code`, e.g. EIO (Input/output error)."""
     return f"{errno.errorcode.get(code, f'errno {code}')} ({os.strerror(code)})"
 
 

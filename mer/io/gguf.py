@@ -63,6 +63,14 @@ class GGUFFile:
     def has(self, name: str) -> bool:
         return name in self.tensors
 
+    def locate(self, view: np.ndarray) -> int:
+        """The file offset of an array returned by `tensor` (or a contiguous part of it)."""
+        base = self.reader.data.__array_interface__["data"][0]
+        offset = view.__array_interface__["data"][0] - base
+        if not 0 <= offset <= self.reader.data.nbytes - view.nbytes:
+            raise ValueError("locate: the array is not a view of this file")
+        return offset
+
     def tensor(self, name: str, shape: tuple[int, ...] | None = None) -> tuple[np.ndarray, str]:
         """The raw data of tensor `name` and its kind.
 

@@ -103,6 +103,15 @@ class SafetensorsDir:
         except KeyError:
             raise ModelFormatError(f"{self.root}: tensor {name} is missing") from None
 
+    def locate(self, view: np.ndarray) -> tuple[Path, int]:
+        """The file and byte offset of an array returned by `get` (or a contiguous part of it)."""
+        address = view.__array_interface__["data"][0]
+        for file, mm in self._maps.items():
+            base = mm.__array_interface__["data"][0]
+            if base <= address and address + view.nbytes <= base + mm.nbytes:
+                return file, address - base
+        raise ValueError("locate: the array is not a view of this directory's files")
+
     def get(self, name: str, shape: tuple[int, ...] | None = None) -> tuple[np.ndarray, str]:
         """A read-only view of tensor `name` and its kind ("f32" | "f16" | "bf16").
 

@@ -17,14 +17,22 @@ from mer.io.raw import to_float32
 from mer.kernels.matmul import PackedWeight, dequantize, from_gguf_blocks, pack_float
 from mer.models.args import ModelArgs, RopeArgs
 from mer.models.gguf_vocab import build_tokenizer
-from mer.models.weights import Embedding, ExpertWeights, LayerWeights, ModelWeights
+from mer.models.weights import (
+    Embedding,
+    ExpertWeights,
+    LayerWeights,
+    MatrixSpec,
+    ModelWeights,
+)
 from mer.tokenizer import Tokenizer
 
 ARCHITECTURES = ("llama", "mixtral")
 FLOAT_KINDS = ("f32", "f16", "bf16")
 
 
-def load_gguf(path: Path) -> tuple[ModelArgs, ModelWeights, Tokenizer]:
+def load_gguf(path: Path, stream: bool = False) -> tuple[ModelArgs, ModelWeights, Tokenizer]:
+    """Arguments, weights and tokenizer of a GGUF file. With `stream`, experts are not loaded:
+    each layer lists where its experts lie in the file (ExpertSpec)."""
     gg = GGUFFile(path)
     arch = gg.meta("general.architecture")
     if arch not in ARCHITECTURES:
@@ -46,7 +54,7 @@ def load_gguf(path: Path) -> tuple[ModelArgs, ModelWeights, Tokenizer]:
         eos_token_ids=[i for i in (eos_id, eot_id) if i is not None],
         add_bos=add_bos,
     )
-    return args, _Loader(gg, args).model(), tokenizer
+    return args, _Loader(gg, args, stream).model(), tokenizer
 
 
 def _args(gg: GGUFFile, arch: str) -> ModelArgs:
@@ -89,12 +97,21 @@ def _args(gg: GGUFFile, arch: str) -> ModelArgs:
 
 
 class _Loader:
-    def __init__(self, gg: GGUFFile, args: ModelArgs) -> None:
-        self.gg, self.args = gg, args
+    def __init__(self, gg: GGUFFile, args: ModelArgs, stream: bool = False) -> None:
+        self.gg, self.args, self.stream = gg, args, stream
 
     def matrix(self, name: str, rows: int, cols: int) -> PackedWeight:
         raw, kind = self.gg.tensor(name, (rows, cols))
         return self.pack(raw, kind, rows, cols)
+
+    def expert_matrix(self, raw: np.ndarray, kind: str, rows: int, cols: int):
+        """A PackedWeight, or with `stream` a MatrixSpec saying where the bytes lie."""
+        if self.stream:
+            return MatrixSpec(self.gg.path, self.gg.locate(raw), raw.nbytes, kind, rows, cols)
+        return self.pack(raw, kind, rows, cols)
+
+    def expert(self, gate, up, down):
+        return (gate, up, down) if self.stream else ExpertWeights(gate, up, down)
 
     @staticmethod
     def pack(raw: np.ndarray, kind: str, rows: int, cols: int) -> PackedWeight:
@@ -140,22 +157,26 @@ class _Loader:
             experts=self.experts(p) if a.is_moe else [self.dense_ffn(p)],
         )
 
-    def dense_ffn(self, p: str) -> ExpertWeights:
+    def one_matrix(self, name: str, rows: int, cols: int):
+        raw, kind = self.gg.tensor(name, (rows, cols))
+        return self.expert_matrix(raw, kind, rows, cols)
+
+    def dense_ffn(self, p: str):
         d, f = self.args.dim, self.args.ffn_dim
-        return ExpertWeights(
-            self.matrix(p + "ffn_gate.weight", f, d),
-            self.matrix(p + "ffn_up.weight", f, d),
-            self.matrix(p + "ffn_down.weight", d, f),
+        return self.expert(
+            self.one_matrix(p + "ffn_gate.weight", f, d),
+            self.one_matrix(p + "ffn_up.weight", f, d),
+            self.one_matrix(p + "ffn_down.weight", d, f),
         )
 
-    def experts(self, p: str) -> list[ExpertWeights]:
+    def experts(self, p: str) -> list:
         d, f, n = self.args.dim, self.args.ffn_dim, self.args.n_experts
         if not self.gg.has(p + "ffn_gate_exps.weight"):  # older files: one tensor per expert
             return [
-                ExpertWeights(
-                    self.matrix(f"{p}ffn_gate.{e}.weight", f, d),
-                    self.matrix(f"{p}ffn_up.{e}.weight", f, d),
-                    self.matrix(f"{p}ffn_down.{e}.weight", d, f),
+                self.expert(
+                    self.one_matrix(f"{p}ffn_gate.{e}.weight", f, d),
+                    self.one_matrix(f"{p}ffn_up.{e}.weight", f, d),
+                    self.one_matrix(f"{p}ffn_down.{e}.weight", d, f),
                 )
                 for e in range(n)
             ]
@@ -163,10 +184,10 @@ class _Loader:
         up, u_kind = self.gg.tensor(p + "ffn_up_exps.weight", (n, f, d))
         down, d_kind = self.gg.tensor(p + "ffn_down_exps.weight", (n, d, f))
         return [
-            ExpertWeights(
-                self.pack(gate[e], g_kind, f, d),
-                self.pack(up[e], u_kind, f, d),
-                self.pack(down[e], d_kind, d, f),
+            self.expert(
+                self.expert_matrix(gate[e], g_kind, f, d),
+                self.expert_matrix(up[e], u_kind, f, d),
+                self.expert_matrix(down[e], d_kind, d, f),
             )
             for e in range(n)
         ]

@@ -18,7 +18,13 @@ from mer.io.safetensors import SafetensorsDir
 from mer.kernels.matmul import PackedWeight, pack_float, quantize
 from mer.models import llama, mixtral
 from mer.models.args import ModelArgs
-from mer.models.weights import Embedding, ExpertWeights, LayerWeights, ModelWeights
+from mer.models.weights import (
+    Embedding,
+    ExpertWeights,
+    LayerWeights,
+    MatrixSpec,
+    ModelWeights,
+)
 
 ARCHITECTURES: dict[str, ModuleType] = {
     "LlamaForCausalLM": llama,
@@ -37,8 +43,13 @@ def read_config(path: Path) -> dict:
         raise ModelFormatError(f"{file}: invalid JSON ({err})") from None
 
 
-def load_hf_dir(path: Path, quant: str | None = None) -> tuple[ModelArgs, ModelWeights]:
-    """ModelArgs and weights of the model in directory `path`; experts quantized if `quant`."""
+def load_hf_dir(
+    path: Path, quant: str | None = None, stream: bool = False
+) -> tuple[ModelArgs, ModelWeights]:
+    """ModelArgs and weights of the model in directory `path`; experts quantized if `quant`.
+
+    With `stream`, experts are not loaded: each layer lists where its experts lie (ExpertSpec).
+    """
     if quant is not None and quant not in QUANT_KINDS:
         raise ModelFormatError(f"--quant {quant!r}: choose one of {', '.join(QUANT_KINDS)}")
     config = read_config(path)
@@ -51,13 +62,15 @@ def load_hf_dir(path: Path, quant: str | None = None) -> tuple[ModelArgs, ModelW
         )
     args = module.args_from_config(config, str(path / "config.json"))
     src = SafetensorsDir(path)
-    loader = _Loader(src, args, quant)
+    loader = _Loader(src, args, quant, stream)
     return args, loader.model(module)
 
 
 class _Loader:
-    def __init__(self, src: SafetensorsDir, args: ModelArgs, quant: str | None) -> None:
-        self.src, self.args, self.quant = src, args, quant
+    def __init__(
+        self, src: SafetensorsDir, args: ModelArgs, quant: str | None, stream: bool
+    ) -> None:
+        self.src, self.args, self.quant, self.stream = src, args, quant, stream
 
     def vector(self, name: str) -> np.ndarray:
         arr, kind = self.src.get(name, (self.args.dim,))
@@ -67,10 +80,19 @@ class _Loader:
         arr, kind = self.src.get(name, shape)
         return pack_float(arr, kind)
 
-    def expert_matrix(self, arr: np.ndarray, kind: str) -> PackedWeight:
+    def expert_matrix(self, arr: np.ndarray, kind: str) -> PackedWeight | MatrixSpec:
+        if self.stream:
+            if not arr.flags.c_contiguous:
+                raise ModelFormatError(f"{self.src.root}: an expert matrix is not contiguous")
+            file, offset = self.src.locate(arr)
+            return MatrixSpec(file, offset, arr.nbytes, kind, *arr.shape, quant=self.quant)
         if self.quant is None:
             return pack_float(np.ascontiguousarray(arr), kind)
         return quantize(np.ascontiguousarray(to_float32(arr, kind)), self.quant)
+
+    def expert(self, triple) -> ExpertWeights | tuple[MatrixSpec, ...]:
+        parts = tuple(self.expert_matrix(arr, kind) for arr, kind in triple)
+        return parts if self.stream else ExpertWeights(*parts)
 
     def model(self, module: ModuleType) -> ModelWeights:
         a = self.args
@@ -104,8 +126,5 @@ class _Loader:
             wo=self.matrix(p + "self_attn.o_proj.weight", (a.dim, q_dim)),
             ffn_norm=self.vector(p + "post_attention_layernorm.weight"),
             router=router,
-            experts=[
-                ExpertWeights(*(self.expert_matrix(arr, kind) for arr, kind in triple))
-                for triple in experts
-            ],
+            experts=[self.expert(triple) for triple in experts],
         )

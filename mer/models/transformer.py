@@ -15,7 +15,7 @@ from mer.kernels.rope import apply_rope, inv_frequencies, rope_tables
 from mer.kernels.router import route
 from mer.kernels.swiglu import expert_forward
 from mer.models.args import ModelArgs
-from mer.models.weights import LayerWeights, ModelWeights
+from mer.models.weights import ExpertWeights, LayerWeights, ModelWeights
 
 
 class KVCache:
@@ -53,6 +53,7 @@ class Transformer:
         self.weights = weights
         self.inv_freq = inv_frequencies(args.rope, args.head_dim)
         self.router_trace = None  # a RoutingTrace to record expert choices into, or None
+        self.streamer = None  # an ExpertStreamer when experts are streamed from disk, or None
 
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = True) -> np.ndarray:
         """Logits float32 [n, V] (or [1, V] for the last token only) for tokens [n]."""
@@ -96,17 +97,35 @@ class Transformer:
         return matmul(layer.wo, out.reshape(n, args.n_heads * args.head_dim))
 
     def _ffn(self, index: int, layer: LayerWeights, h: np.ndarray) -> np.ndarray:
+        if layer.router is None:  # a dense FFN: one expert, always chosen
+            chosen = np.zeros((h.shape[0], 1), np.int64)
+            weights = np.ones((h.shape[0], 1), np.float32)
+        else:
+            chosen, weights = route(h @ layer.router.T, self.args.n_experts_per_tok)  # [n, A]
+        ids = np.unique(chosen).tolist()
+        if self.router_trace is not None and layer.router is not None:
+            self.router_trace.record(index, ids)
+        outputs: dict[int, np.ndarray] = {}
+
+        def compute(e: int, expert: ExpertWeights) -> None:
+            rows, _ = np.nonzero(chosen == e)  # each token picks an expert at most once
+            x = np.ascontiguousarray(h[rows])
+            outputs[e] = expert_forward(expert.gate, expert.up, expert.down, x)
+
+        if self.streamer is None:
+            for e in ids:
+                compute(e, layer.experts[e])
+        else:
+            layers = self.weights.layers
+            following = layers[index + 1].router if index + 1 < len(layers) else None
+            self.streamer.observe(index, ids)
+            self.streamer.run(index, ids, compute, self.streamer.predict_next(index, h, following))
         if layer.router is None:
-            expert = layer.experts[0]
-            return expert_forward(expert.gate, expert.up, expert.down, h)
-        chosen, weights = route(h @ layer.router.T, self.args.n_experts_per_tok)  # [n, A]
-        if self.router_trace is not None:
-            self.router_trace.record(index, np.unique(chosen).tolist())
+            return outputs[0]
+        # Outputs are summed in expert order whatever order they were computed in, so the
+        # result does not depend on which experts were resident.
         out = np.zeros_like(h)
-        # Each expert runs once over all the tokens routed to it.
-        for e in np.unique(chosen):
+        for e in ids:
             rows, slots = np.nonzero(chosen == e)
-            expert = layer.experts[e]
-            y = expert_forward(expert.gate, expert.up, expert.down, np.ascontiguousarray(h[rows]))
-            out[rows] += weights[rows, slots][:, None] * y
+            out[rows] += weights[rows, slots][:, None] * outputs[e]
         return out

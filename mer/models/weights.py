@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from mer.io.raw import to_float32
-from mer.kernels.matmul import PackedWeight, dequantize, from_gguf_blocks
+from mer.kernels.matmul import PackedWeight, dequantize, from_gguf_blocks, pack_float, quantize
+
+FLOAT_DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,32 @@ class ExpertWeights:
 
 
 @dataclass(frozen=True)
+class MatrixSpec:
+    """Where one expert matrix lies in a model file, and how to make it kernel-ready: its bytes
+    are GGUF blocks or a row-major float matrix of `kind`; `quant` quantizes it on packing."""
+
+    file: Path
+    offset: int
+    nbytes: int
+    kind: str
+    rows: int
+    cols: int
+    quant: str | None = None
+
+    def pack(self, raw: np.ndarray) -> PackedWeight:
+        """A PackedWeight from this matrix's bytes `raw` (uint8); float kinds stay views."""
+        if self.kind in FLOAT_DTYPES:
+            arr = raw.view(FLOAT_DTYPES[self.kind]).reshape(self.rows, self.cols)
+            if self.quant is not None:
+                return quantize(np.ascontiguousarray(to_float32(arr, self.kind)), self.quant)
+            return pack_float(arr, self.kind)
+        return from_gguf_blocks(raw, self.kind, self.rows, self.cols)
+
+
+ExpertSpec = tuple[MatrixSpec, MatrixSpec, MatrixSpec]  # gate, up, down of one expert on disk
+
+
+@dataclass(frozen=True)
 class LayerWeights:
     attn_norm: np.ndarray  # float32 [D]
     wq: PackedWeight  # [H*hd, D]
@@ -33,7 +62,8 @@ class LayerWeights:
     wo: PackedWeight  # [D, H*hd]
     ffn_norm: np.ndarray  # float32 [D]
     router: np.ndarray | None  # float32 [E, D]; None for a dense FFN (one expert, always chosen)
-    experts: Sequence[ExpertWeights]
+    # resident experts, or where each lies on disk when they are streamed through the cache
+    experts: Sequence[ExpertWeights] | Sequence[ExpertSpec]
 
 
 class Embedding:

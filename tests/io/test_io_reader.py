@@ -365,3 +365,27 @@ def test_uring_errno_is_reported_and_retried(big, arena, monkeypatch) -> None:
         [res] = r.read_many([(0, 3 * MiB, arena, 0, h(data[: 3 * MiB]), 0)])
         assert res.ok and res.attempts == 2 and len(hits) == 1
         assert slot_bytes(arena, 0, 3 * MiB) == data[: 3 * MiB]
+
+
+@pytest.mark.parametrize("backend", ["uring", "preadv", "buffered"])
+def test_segments_land_inside_one_slot(backend: str, big, arena: Arena) -> None:
+    """Several reads into one slot at 4 KiB-aligned offsets (`into`), as a GGUF expert's
+    gate, up and down matrices are read; a segment that would overflow the slot is refused."""
+    path, data = big
+    parts = [(8 * ALIGN, 5000, 0), (100 * ALIGN, 3 * ALIGN, 2 * ALIGN), (ALIGN, 70000, 5 * ALIGN)]
+    with ExpertReader(path, backend=backend) as r:
+        results = r.read_many(
+            [
+                reader_mod.ReadRequest(off, n, arena, 1, h(data[off : off + n]), i, into)
+                for i, (off, n, into) in enumerate(parts)
+            ]
+        )
+        assert all(x.ok for x in results)
+        with arena.slot_view(1) as view:
+            for off, n, into in parts:
+                assert bytes(view[into : into + n]) == data[off : off + n]
+        with pytest.raises(ExpertReadError, match="does not fit"):
+            r.submit([reader_mod.ReadRequest(0, ALIGN, arena, 1, None, "x", arena.slot_size)])
+        if r.direct:
+            with pytest.raises(ExpertReadError, match="aligned"):
+                r.submit([reader_mod.ReadRequest(0, ALIGN, arena, 1, None, "x", 100)])

@@ -1,0 +1,357 @@
+"""Experts streamed from disk through the RAM cache during the forward pass.
+
+`ExpertStreamer` ties together an arena of slots (`mer.io.arena`), the cache policy
+(`ExpertCache`), one reader per source file (`ExpertReader`: io_uring, preadv or buffered)
+and the predictors. For each MoE layer the forward pass calls `run(layer, ids, fn, needs)`:
+
+1. every chosen expert is leased; misses are read at once, many reads in flight;
+2. read-ahead for the next layer is admitted from `needs` (the predictors' probabilities);
+3. experts are computed as they become ready (hits first, then reads in completion order)
+   and released; when the cache is too small for all of a layer's experts at once, computed
+   experts make room for the rest.
+
+Whatever the order of computation, the caller sums expert outputs in a fixed order, so a
+streamed model gives bit-identical logits to one with every expert resident.
+
+Prefetch admission: a read-ahead of an expert needed with probability p saves a demand stall
+of about one read time t when right, and when wrong it costs the read time it takes from demand
+reads, t·u, where u is the share of recent time demand reads kept the disk busy. It is issued
+when p·t > (1 − p)·t·u, i.e. p > u / (1 + u), and when the cache admits it (never evicting a
+leased, pinned, loading or higher-scoring expert).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mer.cache.expert_cache import CacheFullError, ExpertCache, ExpertKey, Status
+from mer.cache.predict import MarkovPredictor, PredictorStats, next_layer_gate
+from mer.cache.sources import ExpertSource
+from mer.errors import MerError
+from mer.io.arena import ALIGN, Arena
+from mer.io.reader import ExpertReader, ExpertReadError, ReadRequest, ReadResult
+from mer.models.weights import ExpertWeights
+
+logger = logging.getLogger(__name__)
+_LATENCIES = 4096  # cold-read latencies kept for percentiles
+
+
+@dataclass
+class _Flight:
+    """An expert whose segments are being read."""
+
+    key: ExpertKey
+    remaining: int
+    nbytes: int
+    started: float
+    demand: bool
+    error: ExpertReadError | None = None
+
+
+@dataclass
+class StreamStats:
+    """Counters of the streaming tier (the cache's own counters are in `cache.stats`)."""
+
+    demand_reads: int = 0
+    prefetch_reads: int = 0
+    bytes_read: int = 0
+    read_busy_s: float = 0.0  # wall time with at least one read in flight
+    stall_s: float = 0.0  # time the forward pass waited for demand reads
+    wasted_prefetch_bytes: int = 0
+    cold_read_ms: deque = field(default_factory=lambda: deque(maxlen=_LATENCIES))
+    gate: PredictorStats = field(default_factory=PredictorStats)
+
+
+class ExpertStreamer:
+    """Serves a model's experts from `source` through a RAM cache of `cache_bytes`."""
+
+    def __init__(
+        self,
+        source: ExpertSource,
+        cache_bytes: int,
+        *,
+        n_experts_per_tok: int = 1,
+        backend: str = "auto",
+        verify: bool = True,
+        queue_depth: int = 16,
+        prefetch: bool = True,
+        pin_fraction: float = 0.25,
+    ) -> None:
+        self.source = source
+        self.k = n_experts_per_tok
+        slot = source.slot_bytes
+        n_slots = int(cache_bytes) // slot
+        if n_slots < 1:
+            raise MerError(
+                f"cache budget of {int(cache_bytes)} bytes holds no expert (one needs {slot} bytes)"
+            )
+        self.arena = Arena(ALIGN + n_slots * slot, slot)
+        self.readers: list[ExpertReader] = []
+        self._mem = _Resources(self.arena, self.readers)
+        self._finalizer = weakref.finalize(self, self._mem.close)
+        try:
+            for path in source.files:
+                self.readers.append(
+                    ExpertReader(path, queue_depth=queue_depth, backend=backend, verify=verify)
+                )
+        except BaseException:
+            self._finalizer()
+            raise
+        self.backend = self.readers[0].backend
+        pin = min(int(n_slots * pin_fraction), n_slots - 1)
+        self.cache = ExpertCache(n_slots, pin_budget=pin)
+        self.prefetch_enabled = prefetch
+        self.markov = MarkovPredictor(source.n_layers, source.n_experts)
+        self.stats = StreamStats()
+        self._flights: dict[ExpertKey, _Flight] = {}
+        self._gate_pred: dict[int, set[int]] = {}
+        self._utilisation = 0.0
+        self._busy_since: float | None = None
+
+    # -- the forward pass's entry points -----------------------------------------------------
+    def observe(self, layer: int, ids: Iterable[int]) -> None:
+        """The experts layer `layer` chose for this step: scores and trains the predictors."""
+        actual = {int(e) for e in ids}
+        predicted = self._gate_pred.pop(layer, None)
+        if predicted is not None:
+            self.stats.gate.update(predicted, actual)
+        self.markov.observe(layer, actual)
+
+    def predict_next(
+        self, layer: int, h: np.ndarray, next_router: np.ndarray | None
+    ) -> dict[ExpertKey, float]:
+        """Probabilities that experts of the layer after `layer` (layer 0 of the next step after
+        the last layer) are needed: the next layer's router applied to this layer's hidden state
+        `h`, combined with the Markov chain's estimate."""
+        nxt = (layer + 1) % self.source.n_layers
+        if self.source.n_experts == 1:  # dense FFNs: the next one is always needed
+            return {(nxt, 0): 1.0}
+        probs = dict(self.markov.predict(nxt))
+        if nxt > layer and next_router is not None:
+            gate = next_layer_gate(h, next_router, self.k)
+            self._gate_pred[nxt] = set(gate)
+            for e, p in gate.items():
+                probs[e] = 1.0 - (1.0 - probs.get(e, 0.0)) * (1.0 - p)
+        return {(nxt, e): p for e, p in probs.items() if p > 0.0}
+
+    def run(
+        self,
+        layer: int,
+        ids: Iterable[int],
+        fn: Callable[[int, ExpertWeights], None],
+        needs: dict[ExpertKey, float] | None = None,
+    ) -> None:
+        """Call fn(expert, weights) once for each expert id of `layer` in `ids`, in any order,
+        with the expert's weights resident for the duration of the call."""
+        todo = deque(int(e) for e in ids)
+        ready: deque[ExpertKey] = deque()
+        waiting: set[ExpertKey] = set()
+        leased: list[ExpertKey] = []
+        began, stalled = time.perf_counter(), 0.0
+        self._harvest(block=False)
+        try:
+            self._lease(layer, todo, ready, waiting, leased)
+            if needs and self.prefetch_enabled:
+                self._prefetch(needs)
+            while todo or ready or waiting:
+                done: list[ExpertKey] = []
+                if ready:
+                    key = ready.popleft()
+                    fn(key[1], self.source.decode(key, self._slot(key)))
+                    self.cache.release(key)
+                    leased.remove(key)
+                    done = self._harvest(block=False) if self.busy else []
+                elif self.busy:
+                    t0 = time.perf_counter()
+                    done = self._harvest(block=True)
+                    stalled += time.perf_counter() - t0
+                elif todo:
+                    raise MerError(
+                        f"expert cache of {self.cache.n_slots} slots has no room for layer "
+                        f"{layer}'s experts (every slot is pinned or in use)"
+                    )
+                for key in done:
+                    if key in waiting:
+                        waiting.discard(key)
+                        ready.append(key)
+                self._lease(layer, todo, ready, waiting, leased)
+        except ExpertReadError:
+            leased = [k for k in leased if self.cache.leases(k)]
+            raise
+        finally:
+            for key in leased:
+                self.cache.release(key)
+        wall = time.perf_counter() - began
+        self.stats.stall_s += stalled
+        if wall > 0:
+            self._utilisation = 0.9 * self._utilisation + 0.1 * (stalled / wall)
+
+    # -- internals ------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return bool(self._flights)
+
+    def _slot(self, key: ExpertKey) -> np.ndarray:
+        slot = self.cache.slot_of(key)
+        size = self.arena.slot_size
+        return self._mem.base[slot * size : (slot + 1) * size]
+
+    def _lease(self, layer, todo, ready, waiting, leased) -> None:
+        while todo:
+            key = (layer, todo[0])
+            try:
+                status, slot = self.cache.acquire(key)
+            except CacheFullError:
+                return
+            todo.popleft()
+            leased.append(key)
+            if status is Status.HIT:
+                ready.append(key)
+                continue
+            waiting.add(key)
+            if status is Status.MISS:
+                self._read(key, slot, demand=True)
+            else:  # a read-ahead in flight: now somebody waits for it
+                self._flights[key].demand = True
+
+    def _prefetch(self, needs: dict[ExpertKey, float]) -> None:
+        self.cache.hint(needs)
+        floor = self._utilisation / (1.0 + self._utilisation)
+        depth = self.readers[0].queue_depth
+        for key, p in sorted(needs.items(), key=lambda kv: -kv[1]):
+            if p <= floor or len(self._flights) >= depth:
+                break
+            slot = self.cache.prefetch(key, p)
+            if slot is not None:
+                self._read(key, slot, demand=False)
+
+    def _read(self, key: ExpertKey, slot: int, demand: bool) -> None:
+        segments = self.source.segments(key)
+        now = time.perf_counter()
+        if not self._flights:
+            self._busy_since = now
+        flight = _Flight(key, len(segments), sum(s.length for s in segments), now, demand)
+        self._flights[key] = flight
+        if demand:
+            self.stats.demand_reads += 1
+        else:
+            self.stats.prefetch_reads += 1
+        for i, seg in enumerate(segments):
+            self.readers[seg.file].submit(
+                [
+                    ReadRequest(
+                        seg.offset, seg.length, self.arena, slot, seg.expected, (key, i), seg.into
+                    )
+                ]
+            )
+
+    def _harvest(self, block: bool) -> list[ExpertKey]:
+        """Finish reads that completed; with `block`, wait for at least one expert."""
+        done: list[ExpertKey] = []
+        error: ExpertReadError | None = None
+        while True:
+            busy = [r for r in self.readers if r.busy]
+            results: list[ReadResult] = []
+            for reader in busy:
+                results += reader.poll(block=False)
+            if not results and block and busy:
+                results = busy[0].poll(block=True)
+            for res in results:
+                key = res.tag[0]
+                flight = self._flights[key]
+                flight.remaining -= 1
+                flight.error = flight.error or res.error
+                if flight.remaining == 0:
+                    done.append(key)
+                    error = self._finish(flight) or error
+            if error is not None:
+                raise error
+            if done or not block or not self._flights:
+                return done
+
+    def _finish(self, flight: _Flight) -> ExpertReadError | None:
+        """Hand a finished read to the cache; the error, if the forward pass waits for it."""
+        del self._flights[flight.key]
+        now = time.perf_counter()
+        if not self._flights and self._busy_since is not None:
+            self.stats.read_busy_s += now - self._busy_since
+            self._busy_since = None
+        if flight.error is not None:
+            self.cache.complete(flight.key, ok=False)
+            if flight.demand:
+                return flight.error
+            logger.warning("event=prefetch_failed expert=%s error=%s", flight.key, flight.error)
+            return None
+        self.stats.bytes_read += flight.nbytes
+        if flight.demand:
+            self.stats.cold_read_ms.append((now - flight.started) * 1e3)
+        self.cache.complete(flight.key, ok=True)
+        return None
+
+    # -- telemetry and shutdown --------------------------------------------------------------
+    def telemetry(self) -> dict:
+        """Hit rates (overall and per layer), bytes and speed of reads, cold-read latency,
+        prefetch precision/recall and waste, and each predictor's precision/recall."""
+        c, s = self.cache.stats, self.stats
+        lat = np.array(s.cold_read_ms) if s.cold_read_ms else np.zeros(1)
+        layers = sorted(set(c.hits_by_layer) | set(c.misses_by_layer))
+        slot = self.arena.slot_size
+        reads = s.demand_reads + s.prefetch_reads
+        return {
+            "backend": self.backend,
+            "slots": self.cache.n_slots,
+            "slot_bytes": slot,
+            "hits": c.hits + c.pending_hits,
+            "pending_hits": c.pending_hits,  # found loading (read ahead): a shorter wait
+            "misses": c.misses,
+            "hit_rate": c.hit_rate,
+            "per_layer": {
+                layer: {
+                    "hits": c.hits_by_layer.get(layer, 0),
+                    "misses": c.misses_by_layer.get(layer, 0),
+                }
+                for layer in layers
+            },
+            "bytes_read": s.bytes_read,
+            "read_gbps": s.bytes_read / s.read_busy_s / 1e9 if s.read_busy_s else 0.0,
+            "stall_s": s.stall_s,
+            "cold_read_ms_p50": float(np.percentile(lat, 50)),
+            "cold_read_ms_p99": float(np.percentile(lat, 99)),
+            "prefetches": c.prefetches,
+            "prefetch_precision": c.prefetch_used / c.prefetches if c.prefetches else 0.0,
+            "prefetch_recall": c.prefetch_used / max(c.prefetch_used + c.misses, 1),
+            "prefetch_wasted_bytes": c.prefetch_wasted * s.bytes_read // max(reads, 1),
+            "gate_precision": s.gate.precision,
+            "gate_recall": s.gate.recall,
+            "markov_precision": self.markov.stats.precision,
+            "markov_recall": self.markov.stats.recall,
+        }
+
+    def close(self) -> None:
+        """Wait for reads in flight, close the readers and free the arena."""
+        self._finalizer()
+
+
+class _Resources:
+    """What a streamer must give back: its readers and its arena (also at exit or on GC)."""
+
+    def __init__(self, arena: Arena, readers: list[ExpertReader]) -> None:
+        self.arena, self.readers = arena, readers
+        self.base: np.ndarray | None = np.frombuffer(arena.buf, dtype=np.uint8)
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+        self.base = None
+        self.arena.unlink()
+        try:
+            self.arena.close()
+        except BufferError:  # somebody still holds a view of a slot: unmapped when it goes
+            pass

@@ -1,0 +1,1 @@
+"""The mer store: models laid out for streaming experts (see `mer.store.format`)."""

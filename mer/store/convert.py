@@ -1,0 +1,253 @@
+"""`mer convert SRC DST`: a Hugging Face directory or a GGUF file -> a mer store.
+
+Experts are converted one at a time (read, repacked into the kernels' layout, optionally
+re-quantized, checksummed, written), so a model far larger than RAM converts in bounded
+memory. See `mer.store.format` for the layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+from mer.errors import ModelFormatError
+from mer.io.arena import ALIGN, round_up
+from mer.kernels.matmul import PackedWeight, dequantize, quantize
+from mer.models.weights import ExpertSpec, ExpertWeights, MatrixSpec, ModelWeights
+from mer.store import format as fmt
+from mer.tokenizer import Tokenizer
+
+QUANT_KINDS = ("q8_0", "q4_0")
+
+
+def open_source(src: Path, quant: str | None = None) -> tuple:
+    """(args, weights with experts as ExpertSpecs, tokenizer or None) of a model file/dir."""
+    from mer.models.gguf import load_gguf
+    from mer.models.hf import load_hf_dir
+
+    if not src.exists():
+        raise ModelFormatError(f"{src}: no such model file or directory")
+    if fmt.is_store(src):
+        raise ModelFormatError(f"{src}: already a mer store")
+    if src.is_dir():
+        args, weights = load_hf_dir(src, quant, stream=True)
+        tok = Tokenizer.from_hf_dir(src) if (src / "tokenizer.json").exists() else None
+        return args, weights, tok
+    if quant is not None:
+        raise ModelFormatError(
+            f"{src}: --quant applies to Hugging Face checkpoints; GGUF files are already quantized"
+        )
+    return load_gguf(src, stream=True)
+
+
+class _Bytes:
+    """Memory maps of the source files, one per file."""
+
+    def __init__(self) -> None:
+        self._maps: dict[Path, np.memmap] = {}
+
+    def expert(self, spec: ExpertSpec) -> ExpertWeights:
+        return ExpertWeights(*(self.matrix(m) for m in spec))
+
+    def matrix(self, m: MatrixSpec) -> PackedWeight:
+        mm = self._maps.get(m.file)
+        if mm is None:
+            mm = self._maps[m.file] = np.memmap(m.file, dtype=np.uint8, mode="r")
+        return m.pack(mm[m.offset : m.offset + m.nbytes])
+
+
+def requantize(w: PackedWeight, quant: str | None) -> PackedWeight:
+    """`w` in block type `quant` (unchanged when None or already so)."""
+    if quant is None or w.kind == quant:
+        return w
+    return quantize(dequantize(w), quant)
+
+
+def dense_tensors(weights: ModelWeights) -> Iterator[tuple[str, PackedWeight | np.ndarray]]:
+    """Every non-expert weight with its name in the store."""
+    yield "embed", weights.embed.raw
+    yield "norm", weights.norm
+    yield "lm_head", weights.lm_head
+    for i, layer in enumerate(weights.layers):
+        for name in ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "router"):
+            value = getattr(layer, name)
+            if value is not None:
+                yield f"layers.{i}.{name}", value
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
+
+
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    quant: str | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> dict:
+    """Write the store for model `src` into directory `dst`; returns its manifest.
+
+    quant: "q8_0" or "q4_0" re-quantizes every expert matrix that is not already of that type.
+    force: replace an existing store at `dst`. progress: show a progress bar on stderr.
+    """
+    src, dst = Path(src), Path(dst)
+    if quant is not None and quant not in QUANT_KINDS:
+        raise ModelFormatError(f"--quant {quant!r}: choose one of {', '.join(QUANT_KINDS)}")
+    args, weights, tokenizer = open_source(src)
+    if dst.exists() and any(dst.iterdir()):
+        if not force or not fmt.is_store(dst):
+            raise ModelFormatError(
+                f"{dst}: exists and is not empty"
+                + (" (use --force to replace the store)" if fmt.is_store(dst) else "")
+            )
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    manifest_path = dst / fmt.MANIFEST
+    source = _Bytes()
+    specs = [
+        (i, e, spec)
+        for i, layer in enumerate(weights.layers)
+        for e, spec in enumerate(layer.experts)
+    ]
+    total = sum(m.nbytes for _, _, spec in specs for m in spec)
+    entries, layouts = [], []
+    layout_ids: dict[str, int] = {}
+    with _progress(progress) as bar:
+        task = bar.add_task(f"experts of {src.name}", total=total)
+        with open(dst / (fmt.EXPERTS_FILE + ".part"), "wb") as out:
+            at = 0
+            for layer, e, spec in specs:
+                expert = source.expert(spec)
+                mats = [requantize(w, quant) for w in (expert.gate, expert.up, expert.down)]
+                parts, end = [], 0
+                for w in mats:
+                    part, end = fmt.plane_layout(w, end)
+                    parts.append(part)
+                blob = bytearray(round_up(end, ALIGN))
+                for w, part in zip(mats, parts, strict=True):
+                    fmt.write_planes(w, part, blob, 0)
+                out.write(blob)
+                key = json.dumps(parts, sort_keys=True)
+                if key not in layout_ids:
+                    layout_ids[key] = len(layouts)
+                    layouts.append(parts)
+                entries.append(
+                    {
+                        "layer": layer,
+                        "expert": e,
+                        "offset": at,
+                        "length": end,
+                        "kinds": [w.kind for w in mats],
+                        "layout": layout_ids[key],
+                        "xxh3": f"{xxhash.xxh3_64_intdigest(memoryview(blob)[:end]):016x}",
+                    }
+                )
+                at += len(blob)
+                bar.advance(task, sum(m.nbytes for m in spec))
+        dense = _write_dense(weights, dst / (fmt.DENSE_FILE + ".part"))
+    tokenizer_files = _write_tokenizer(src, tokenizer, dst)
+    os.replace(dst / (fmt.EXPERTS_FILE + ".part"), dst / fmt.EXPERTS_FILE)
+    os.replace(dst / (fmt.DENSE_FILE + ".part"), dst / fmt.DENSE_FILE)
+    manifest = {
+        "format": fmt.FORMAT,
+        "version": fmt.VERSION,
+        "source": src.name,
+        "quant": quant,
+        "config": fmt.args_to_json(args),
+        "experts": {
+            "file": fmt.EXPERTS_FILE,
+            "bytes": at,
+            "align": ALIGN,
+            "layouts": layouts,
+            "entries": entries,
+        },
+        "dense": {"file": fmt.DENSE_FILE, **dense},
+        "tokenizer": tokenizer_files,
+    }
+    tmp = manifest_path.with_suffix(".part")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, manifest_path)  # last: a store without a manifest is not a store
+    return manifest
+
+
+def _write_dense(weights: ModelWeights, path: Path) -> dict:
+    tensors: dict[str, dict] = {}
+    at = 0
+    items = list(dense_tensors(weights))
+    for name, value in items:
+        if isinstance(value, PackedWeight):
+            tensors[name], at = fmt.plane_layout(value, at)
+        else:
+            at = fmt.align(at)
+            tensors[name] = {
+                "array": {"offset": at, "dtype": value.dtype.str, "shape": list(value.shape)}
+            }
+            at += value.nbytes
+    tensors["embed"]["kind"] = weights.embed.kind
+    buf = bytearray(at)
+    for name, value in items:
+        if isinstance(value, PackedWeight):
+            fmt.write_planes(value, tensors[name], buf, 0)
+        else:
+            spec = tensors[name]["array"]
+            flat = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+            buf[spec["offset"] : spec["offset"] + flat.nbytes] = flat.data
+    path.write_bytes(buf)
+    return {"bytes": at, "xxh3": f"{xxhash.xxh3_64_intdigest(buf):016x}", "tensors": tensors}
+
+
+def _write_tokenizer(src: Path, tok: Tokenizer | None, dst: Path) -> list[str]:
+    """Copy a Hugging Face directory's tokenizer files, or write them for a GGUF vocabulary."""
+    if tok is None:
+        return []
+    written = []
+    if src.is_dir():
+        for name in fmt.TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, dst / name)
+                written.append(name)
+    else:
+        (dst / "tokenizer.json").write_text(tok.backend_json())
+        config = {
+            "bos_token": tok.bos_token,
+            "eos_token": tok.eos_token,
+            "chat_template": tok.chat_template,
+        }
+        (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+        written += ["tokenizer.json", "tokenizer_config.json"]
+    # End-of-sequence ids may come from config.json, which a store does not copy.
+    gen_path = dst / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    gen["eos_token_id"] = sorted(tok.eos_token_ids)
+    if tok.bos_token_id is not None:
+        gen["bos_token_id"] = tok.bos_token_id
+    gen_path.write_text(json.dumps(gen, indent=1))
+    if "generation_config.json" not in written:
+        written.append("generation_config.json")
+    return written

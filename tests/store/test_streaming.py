@@ -1,0 +1,152 @@
+"""Experts streamed through a RAM cache of 25% of the expert bytes give exactly the logits
+and greedy tokens of a model with every expert resident: through io_uring and the preadv
+fallback, from a store, straight from GGUF and from safetensors. A corrupt expert on disk is
+an error after one retry, never different output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import mer
+from mer.errors import MerError
+from mer.io.reader import ExpertReadError
+from mer.models.sources import resolve_model
+from mer.sampling import SamplingParams
+
+IDS = list(range(3, 70))
+GREEDY = SamplingParams(temperature=0)
+
+
+def expert_bytes(model) -> int:
+    return sum(
+        w.gguf_nbytes
+        for layer in model.weights.layers
+        for x in layer.experts
+        for w in (x.gate, x.up, x.down)
+    )
+
+
+def check_same(resident, path, budget, **kwargs) -> dict:
+    """Prefill logits, token-by-token logits and greedy tokens equal; returns telemetry."""
+    with mer.load_model(path, cache_bytes=budget, **kwargs) as streamed:
+        assert streamed.streamer.cache.n_slots < sum(
+            len(layer.experts) for layer in resident.weights.layers
+        )
+        np.testing.assert_array_equal(streamed.logits(IDS), resident.logits(IDS))
+        np.testing.assert_array_equal(
+            streamed.logits(IDS[:20], chunk_size=1), resident.logits(IDS[:20], chunk_size=1)
+        )
+        prompt = IDS[:9]
+        assert list(streamed.generate(prompt, GREEDY, 24, stop_ids=frozenset())) == list(
+            resident.generate(prompt, GREEDY, 24, stop_ids=frozenset())
+        )
+        return streamed.expert_stats()
+
+
+@pytest.mark.parametrize("backend", ["uring", "preadv"])
+def test_store_at_quarter_budget(q4_store, backend):
+    resident = mer.load_model(q4_store)
+    stats = check_same(resident, q4_store, expert_bytes(resident) // 4, io_backend=backend)
+    assert stats["backend"] == backend
+    assert stats["misses"] > 0 and stats["hits"] > 0
+    assert stats["bytes_read"] >= stats["misses"] * 4096
+    assert 0 < stats["cold_read_ms_p50"] <= stats["cold_read_ms_p99"]
+    per_layer = stats["per_layer"]
+    assert sum(v["hits"] for v in per_layer.values()) == stats["hits"]
+    assert sum(v["misses"] for v in per_layer.values()) == stats["misses"]
+    for name in ("prefetch_precision", "prefetch_recall", "gate_precision", "gate_recall"):
+        assert 0.0 <= stats[name] <= 1.0
+
+
+@pytest.mark.parametrize("kind", ["q4_k_m", "q8_0"])
+def test_gguf_at_quarter_budget(gguf_mixtral, kind):
+    """Straight from llama.cpp-made GGUF files (4 experts x 2 layers, top-2). Each matrix is
+    read as an aligned superset of its bytes, so a quarter of the bytes is a single slot."""
+    path = gguf_mixtral[1][kind]
+    resident = mer.load_model(path)
+    stats = check_same(resident, path, expert_bytes(resident) // 4)
+    assert stats["slots"] == 1
+    assert stats["gate_recall"] > 0
+
+
+def test_gguf_store_at_quarter_budget(gguf_mixtral, tmp_path):
+    from mer.store.convert import convert
+
+    path = gguf_mixtral[1]["q4_k_m"]
+    convert(path, tmp_path / "s")
+    resident = mer.load_model(path)
+    check_same(resident, tmp_path / "s", expert_bytes(resident) // 4)
+
+
+def test_safetensors_at_quarter_budget(hf_mixtral):
+    resident = mer.load_model(hf_mixtral)
+    check_same(resident, hf_mixtral, expert_bytes(resident) // 4)
+
+
+def test_dense_llama_streams_its_ffns():
+    """SmolLM2 (30 dense layers): each FFN streamed, the next one read ahead."""
+    path = resolve_model(None)
+    resident = mer.load_model(path)
+    ids = resident.tokenizer.encode("The capital of France is")
+    budget = expert_bytes(resident) // 4
+    with mer.load_model(path, cache_bytes=budget) as streamed:
+        assert list(streamed.generate(ids, GREEDY, 8)) == list(resident.generate(ids, GREEDY, 8))
+        stats = streamed.expert_stats()
+    assert stats["prefetches"] > 0 and stats["prefetch_precision"] > 0.9
+
+
+def test_no_prefetch_same_output(q4_store):
+    resident = mer.load_model(q4_store)
+    stats = check_same(resident, q4_store, expert_bytes(resident) // 4, prefetch=False)
+    assert stats["prefetches"] == 0
+
+
+def test_one_slot_cache(q4_store):
+    """Smaller than a layer's experts: computed experts make room for the rest."""
+    resident = mer.load_model(q4_store)
+    with mer.load_model(q4_store, cache_bytes=json_slot(q4_store)) as streamed:
+        assert streamed.streamer.cache.n_slots == 1
+        np.testing.assert_array_equal(streamed.logits(IDS), resident.logits(IDS))
+
+
+def json_slot(store) -> int:
+    entries = json.loads((store / "manifest.json").read_text())["experts"]["entries"]
+    return -(-max(e["length"] for e in entries) // 4096) * 4096
+
+
+def test_budget_below_one_expert(q4_store):
+    with pytest.raises(MerError, match="holds no expert") as info:
+        mer.load_model(q4_store, cache_bytes=4096)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("backend", ["uring", "preadv"])
+def test_flipped_byte_is_an_error_after_a_retry(q4_store, tmp_path, backend):
+    bad = tmp_path / "bad"
+    shutil.copytree(q4_store, bad)
+    entries = json.loads((bad / "manifest.json").read_text())["experts"]["entries"]
+    with open(bad / "experts.bin", "r+b") as fh:
+        for entry in entries:  # every expert: whichever is routed first fails
+            fh.seek(entry["offset"] + entry["length"] // 2)
+            byte = fh.read(1)
+            fh.seek(entry["offset"] + entry["length"] // 2)
+            fh.write(bytes([byte[0] ^ 0x01]))
+    with mer.load_model(bad, cache_bytes=json_slot(bad) * 4, io_backend=backend) as model:
+        with pytest.raises(ExpertReadError) as info:
+            model.logits(IDS)
+        text = str(info.value)
+        assert "checksum mismatch" in text and "after 2 attempts" in text and "\n" not in text
+        assert model.streamer.readers[0].stats.retries >= 1
+        # the cache holds no corrupt expert: the next request fails the same way
+        with pytest.raises(ExpertReadError):
+            model.logits(IDS[:3])
+
+
+def test_no_verify_reads_unchecked(q4_store):
+    """verify=False skips checksums (the bytes are the same, so is the output)."""
+    resident = mer.load_model(q4_store)
+    check_same(resident, q4_store, expert_bytes(resident) // 4, verify=False)
