@@ -87,7 +87,8 @@ class ExpertStreamer:
         self.source = source
         self.k = n_experts_per_tok
         slot = source.slot_bytes
-        n_slots = int(cache_bytes) // slot
+        # never more slots than experts: a budget above the model's size holds all of it
+        n_slots = min(int(cache_bytes) // slot, source.n_layers * source.n_experts)
         if n_slots < 1:
             raise MerError(
                 f"cache budget of {int(cache_bytes)} bytes holds no expert (one needs {slot} bytes)"

@@ -150,3 +150,20 @@ def test_no_verify_reads_unchecked(q4_store):
     """verify=False skips checksums (the bytes are the same, so is the output)."""
     resident = mer.load_model(q4_store)
     check_same(resident, q4_store, expert_bytes(resident) // 4, verify=False)
+
+
+def test_prefetch_admission_weighs_need_against_demand_load(q4_store):
+    """Read-ahead needs p > u / (1 + u), u = the share of time demand reads stalled."""
+    with mer.load_model(q4_store, cache_bytes=json_slot(q4_store) * 6) as model:
+        s = model.streamer
+        s._utilisation = 1.0  # the disk is saturated by demand reads: only p > 0.5 passes
+        s._prefetch({(1, 0): 0.45, (1, 1): 0.55})
+        assert s.stats.prefetch_reads == 1 and s.cache.slot_of((1, 1)) is not None
+        assert s.cache.slot_of((1, 0)) is None
+        s._utilisation = 0.0  # an idle disk: any likely expert is worth reading
+        s._prefetch({(1, 0): 0.05})
+        assert s.stats.prefetch_reads == 2
+        seen = []
+        s.run(1, [1, 0], lambda e, w: seen.append(e))
+        assert sorted(seen) == [0, 1]
+        assert s.cache.stats.prefetch_used == 2 and s.cache.stats.misses == 0
