@@ -309,10 +309,10 @@ class ExpertStreamer:
             "backend": self.backend,
             "slots": self.cache.n_slots,
             "slot_bytes": slot,
-            "hits": c.hits + c.pending_hits,
+            "hits": c.hits,  # found ready
             "pending_hits": c.pending_hits,  # found loading (read ahead): a shorter wait
             "misses": c.misses,
-            "hit_rate": c.hit_rate,
+            "hit_rate": c.hit_rate,  # (hits + pending hits) / acquires
             "per_layer": {
                 layer: {
                     "hits": c.hits_by_layer.get(layer, 0),

@@ -29,6 +29,14 @@ def store_dir(tmp_path_factory) -> Iterator[Path]:
         shutil.rmtree(made, ignore_errors=True)
 
 
+@pytest.fixture
+def o_direct(store_dir) -> Path:
+    """store_dir, for tests that name an O_DIRECT backend; skips where no disk takes it."""
+    if not takes_o_direct(store_dir):
+        pytest.skip(f"no directory that takes O_DIRECT (tried {store_dir})")
+    return store_dir
+
+
 @pytest.fixture(scope="session")
 def hf_mixtral(store_dir) -> Path:
     """A tiny random Mixtral (2 layers x 8 experts, top-2) saved as float32 safetensors."""

@@ -48,7 +48,7 @@ def check_same(resident, path, budget, **kwargs) -> dict:
 
 
 @pytest.mark.parametrize("backend", ["uring", "preadv"])
-def test_store_at_quarter_budget(q4_store, backend):
+def test_store_at_quarter_budget(q4_store, backend, o_direct):
     resident = mer.load_model(q4_store)
     stats = check_same(resident, q4_store, expert_bytes(resident) // 4, io_backend=backend)
     assert stats["backend"] == backend
@@ -125,8 +125,8 @@ def test_budget_below_one_expert(q4_store):
 
 
 @pytest.mark.parametrize("backend", ["uring", "preadv"])
-def test_flipped_byte_is_an_error_after_a_retry(q4_store, tmp_path, backend):
-    bad = tmp_path / "bad"
+def test_flipped_byte_is_an_error_after_a_retry(q4_store, o_direct, backend):
+    bad = o_direct / f"flipped-{backend}"
     shutil.copytree(q4_store, bad)
     entries = json.loads((bad / "manifest.json").read_text())["experts"]["entries"]
     with open(bad / "experts.bin", "r+b") as fh:
