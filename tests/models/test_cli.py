@@ -84,3 +84,31 @@ def test_bad_sampling_value_is_one_line(model_dir):
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "top_p" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "text, size",
+    [
+        ("4096", 4096),
+        ("64K", 64 << 10),
+        ("512M", 512 << 20),
+        ("2G", 2 << 30),
+        ("1.5g", 3 << 29),
+        ("2GiB", 2 << 30),
+        ("8GB", 8 << 30),
+    ],
+)
+def test_cache_sizes(text, size):
+    from mer.cli import parse_size
+
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "G", "lots", "-1G", "0"])
+def test_bad_cache_sizes(text):
+    import argparse
+
+    from mer.cli import parse_size
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_size(text)
