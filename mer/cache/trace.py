@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mer.cache.expert_cache import ExpertCache, ExpertKey
+from mer.cache.expert_cache import CacheFullError, ExpertCache, ExpertKey, Status
 from mer.errors import MerError
 
 
@@ -86,12 +86,31 @@ def simulate_belady(accesses: list[ExpertKey], capacity: int) -> float:
 
 
 def simulate_mer(accesses: list[ExpertKey], capacity: int, pin_fraction: float = 0.25) -> float:
-    cache = ExpertCache(capacity, pin_budget=min(capacity - 1, int(capacity * pin_fraction)))
+    """ExpertCache's hit rate, used as the engine uses it: the experts of one layer visit (a
+    run of accesses to one layer) stay leased until the visit ends, or until the cache needs
+    their slots for the visit's other experts."""
+    n_layers = max((layer for layer, _ in accesses), default=-1) + 1
+    pins = min(capacity - 1, int(capacity * pin_fraction))
+    cache = ExpertCache(capacity, pin_budget=pins, n_layers=n_layers)
+    leased: list[ExpertKey] = []
+    visit: set[ExpertKey] = set()
     for key in accesses:
-        status, _ = cache.acquire(key)
-        if not cache.is_ready(key):
+        if leased and (key[0] != leased[0][0] or key in visit):
+            for done in leased:
+                cache.release(done)
+            leased, visit = [], set()
+        while True:
+            try:
+                status, _ = cache.acquire(key)
+                break
+            except CacheFullError:
+                if not leased:
+                    raise
+                cache.release(leased.pop(0))
+        if status is Status.MISS:
             cache.complete(key)
-        cache.release(key)
+        leased.append(key)
+        visit.add(key)
     return cache.stats.hit_rate
 
 

@@ -29,6 +29,14 @@ def test_belady_bounds_online_policies(seed):
         assert simulate_mer(keys, capacity) <= best + 1e-12
 
 
+def test_mer_replay_leases_a_visit_even_when_it_does_not_fit():
+    # three experts per layer visit, two slots: the replay releases computed experts early
+    seq = [(layer, e) for _ in range(20) for layer in range(3) for e in (0, 1, 2)]
+    assert simulate_mer(seq, 2) == simulate_lru(seq, 2) == 0.0
+    assert simulate_mer(seq, 4) > 0.1
+    assert simulate_mer(seq, 9) == pytest.approx(1 - 9 / len(seq))  # only cold misses
+
+
 def test_record_and_simulate_from_a_model_run(tmp_path):
     model_dir = tmp_path / "model"
     save_model(build_model("mixtral-mqa-window"), model_dir)
