@@ -1,20 +1,32 @@
-"""Hit rates of LRU, mer's ExpertCache policy and Belady's MIN on routing traces.
+"""Hit rates of LRU, mer's ExpertCache policy and Belady's MIN on routing traces, and the
+Markov predictor's precision/recall replayed on the same traces.
 
 Synthetic workloads: each layer has its own Zipf popularity over the experts (a random
-permutation per layer, so hot experts differ by layer), and with probability `rho` a token
-reuses the previous token's expert choice in that layer (temporal correlation; Mixtral
-measured 14–28% same-first-choice for consecutive tokens). Traces recorded from model runs
-(`mer trace record`) can be added with --trace. Prints a short table last.
+permutation per layer, so hot experts differ by layer), and with probability `rho` a layer
+reuses its previous step's expert set (temporal correlation; Mixtral measured 14–28%
+same-first-choice for consecutive tokens). Traces recorded from model runs
+(`mer trace record`) can be added with --trace.
 
-    python bench/cache.py [--trace FILE ...] [--steps N]
+`bound` (synthetic workloads only) caps what any policy that cannot see the future can
+reach in expectation: a slot's chances of a hit come at most once per step (an expert
+loaded on a miss waits a full step for its next use), and at step t expert e of layer l is
+used with probability rho·[e used at t-1] + (1 - rho)·q_le (q: its inclusion probability,
+estimated by sampling), so no policy expects more hits at step t than the sum of the C
+largest of those probabilities. Belady sees the future and can beat it.
+
+    python bench/cache.py [--trace FILE ...] [--steps N] [--capacity F ...]
+
+Prints a short table last.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import numpy as np
 
+from mer.cache.predict import MarkovPredictor
 from mer.cache.trace import (
     RoutingTrace,
     capacity_slots,
@@ -32,12 +44,17 @@ WORKLOADS = {
 }
 
 
+def popularity(layers: int, experts: int, s: float, rng: np.random.Generator) -> np.ndarray:
+    """Per-layer Zipf(s) probabilities over the experts, permuted per layer: [layers, experts]."""
+    weights = 1.0 / np.arange(1, experts + 1) ** s
+    return np.array([rng.permutation(weights / weights.sum()) for _ in range(layers)])
+
+
 def synthetic(
     layers: int, experts: int, k: int, s: float, rho: float, steps: int, seed: int
 ) -> RoutingTrace:
     rng = np.random.default_rng(seed)
-    weights = 1.0 / np.arange(1, experts + 1) ** s
-    probs = [rng.permutation(weights / weights.sum()) for _ in range(layers)]
+    probs = popularity(layers, experts, s, rng)
     trace = RoutingTrace(layers, experts)
     previous: list[list[int]] | None = None
     for _ in range(steps):
@@ -51,30 +68,82 @@ def synthetic(
     return trace
 
 
+def inclusion(probs: np.ndarray, k: int, samples: int = 4000, seed: int = 1) -> np.ndarray:
+    """P(expert in a layer's k draws without replacement): [layers, experts]. Successive
+    sampling as numpy's choice does it equals the top k of log p + Gumbel noise."""
+    rng = np.random.default_rng(seed)
+    q = np.zeros_like(probs)
+    logp = np.log(np.maximum(probs, 1e-300))
+    for layer, row in enumerate(logp):
+        noisy = row + rng.gumbel(size=(samples, row.size))
+        top = np.argpartition(-noisy, k - 1, axis=1)[:, :k]
+        q[layer] = np.bincount(top.ravel(), minlength=row.size) / samples
+    return q
+
+
+def online_bound(trace: RoutingTrace, spec: tuple, seed: int, slots: list[int]) -> list[float]:
+    """The `bound` of the module docstring for each cache size in `slots`."""
+    layers, experts, k, s, rho = spec
+    q = inclusion(popularity(layers, experts, s, np.random.default_rng(seed)), k)
+    hits = np.zeros(len(slots))
+    previous = None
+    for step in trace.steps:
+        p = q.copy() if previous is None else (1.0 - rho) * q
+        if previous is not None:
+            for layer, es in enumerate(previous):
+                p[layer, es] += rho
+        ranked = np.cumsum(np.sort(p.ravel())[::-1])
+        hits += ranked[np.array(slots) - 1]
+        previous = step
+    return list(hits / len(trace.accesses()))
+
+
+def markov_replay(trace: RoutingTrace) -> tuple[float, float]:
+    """The Markov predictor's precision and recall, observing the trace in order."""
+    markov = MarkovPredictor(trace.n_layers, trace.n_experts)
+    for step in trace.steps:
+        for layer, experts in enumerate(step):
+            markov.observe(layer, experts)
+    return markov.stats.precision, markov.stats.recall
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trace", nargs="*", default=[], help="recorded trace files")
     parser.add_argument("--steps", type=int, default=400, help="tokens per synthetic trace")
     parser.add_argument("--capacity", type=float, nargs="+", default=[0.1, 0.25, 0.5])
     opts = parser.parse_args()
+    start = time.perf_counter()
     traces = {
-        name: synthetic(*spec, steps=opts.steps, seed=i)
+        name: (synthetic(*spec, steps=opts.steps, seed=i), spec, i)
         for i, (name, spec) in enumerate(WORKLOADS.items())
     }
     for path in opts.trace:
-        traces[f"recorded {path}"] = RoutingTrace.load(path)
+        traces[f"recorded {path}"] = (RoutingTrace.load(path), None, None)
     rows = []
-    for name, trace in traces.items():
+    for name, (trace, spec, seed) in traces.items():
         accesses = trace.accesses()
-        for spec in opts.capacity:
-            slots = capacity_slots(spec, trace.n_layers, trace.n_experts)
+        slots = [capacity_slots(c, trace.n_layers, trace.n_experts) for c in opts.capacity]
+        bounds = online_bound(trace, spec, seed, slots) if spec else [None] * len(slots)
+        precision, recall = markov_replay(trace)
+        for spec_c, n, bound in zip(opts.capacity, slots, bounds, strict=True):
             lru, ours, best = (
-                f(accesses, slots) for f in (simulate_lru, simulate_mer, simulate_belady)
+                f(accesses, n) for f in (simulate_lru, simulate_mer, simulate_belady)
             )
-            rows.append((name, spec, lru, ours, best))
-    print(f"{'workload':<28}{'capacity':>9}{'LRU':>8}{'mer':>8}{'Belady':>8}{'mer/Belady':>12}")
-    for name, spec, lru, ours, best in rows:
-        print(f"{name[:28]:<28}{spec:>9.0%}{lru:>8.3f}{ours:>8.3f}{best:>8.3f}{ours / best:>12.2f}")
+            rows.append((name, spec_c, lru, ours, best, bound, precision, recall))
+        print(f"{name}: {len(accesses)} accesses, {time.perf_counter() - start:.0f} s", flush=True)
+    print()
+    print(
+        f"{'workload':<24}{'capacity':>9}{'LRU':>7}{'mer':>7}{'Belady':>8}{'mer/Bel':>8}"
+        f"{'bound':>7}{'markov P':>10}{'R':>6}"
+    )
+    for name, spec_c, lru, ours, best, bound, precision, recall in rows:
+        ratio = ours / best if best else 1.0
+        bound_text = f"{bound:>7.3f}" if bound is not None else f"{'-':>7}"
+        print(
+            f"{name[:24]:<24}{spec_c:>9.0%}{lru:>7.3f}{ours:>7.3f}{best:>8.3f}{ratio:>8.2f}"
+            f"{bound_text}{precision:>10.2f}{recall:>6.2f}"
+        )
 
 
 if __name__ == "__main__":
