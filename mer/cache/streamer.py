@@ -107,12 +107,13 @@ class ExpertStreamer:
             raise
         self.backend = self.readers[0].backend
         pin = min(int(n_slots * pin_fraction), n_slots - 1)
-        self.cache = ExpertCache(n_slots, pin_budget=pin)
+        self.cache = ExpertCache(n_slots, pin_budget=pin, n_layers=source.n_layers)
         self.prefetch_enabled = prefetch
         self.markov = MarkovPredictor(source.n_layers, source.n_experts)
         self.stats = StreamStats()
         self._flights: dict[ExpertKey, _Flight] = {}
         self._gate_pred: dict[int, set[int]] = {}
+        self._hint: dict[ExpertKey, float] = {}
         self._utilisation = 0.0
         self._busy_since: float | None = None
 
@@ -130,14 +131,21 @@ class ExpertStreamer:
     ) -> dict[ExpertKey, float]:
         """Probabilities that experts of the layer after `layer` (layer 0 of the next step after
         the last layer) are needed: the next layer's router applied to this layer's hidden state
-        `h`, combined with the Markov chain's estimate."""
+        `h`, combined with the Markov chain's estimate.
+
+        Only the gate lookahead is passed on to the cache's eviction score (`hint`): the cache
+        keeps its own per-expert Markov estimate, which a hint would override, and hinting the
+        Markov chain's estimate measured lower hit rates (bench/cache.py)."""
         nxt = (layer + 1) % self.source.n_layers
+        self._hint = {}
         if self.source.n_experts == 1:  # dense FFNs: the next one is always needed
-            return {(nxt, 0): 1.0}
+            self._hint = {(nxt, 0): 1.0}
+            return dict(self._hint)
         probs = dict(self.markov.predict(nxt))
         if nxt > layer and next_router is not None:
             gate = next_layer_gate(h, next_router, self.k)
             self._gate_pred[nxt] = set(gate)
+            self._hint = {(nxt, e): p for e, p in gate.items()}
             for e, p in gate.items():
                 probs[e] = 1.0 - (1.0 - probs.get(e, 0.0)) * (1.0 - p)
         return {(nxt, e): p for e, p in probs.items() if p > 0.0}
@@ -223,7 +231,7 @@ class ExpertStreamer:
                 self._flights[key].demand = True
 
     def _prefetch(self, needs: dict[ExpertKey, float]) -> None:
-        self.cache.hint(needs)
+        self.cache.hint(self._hint)
         floor = self._utilisation / (1.0 + self._utilisation)
         depth = self.readers[0].queue_depth
         for key, p in sorted(needs.items(), key=lambda kv: -kv[1]):
