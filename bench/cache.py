@@ -14,7 +14,11 @@ used with probability rho·[e used at t-1] + (1 - rho)·q_le (q: its inclusion p
 estimated by sampling), so no policy expects more hits at step t than the sum of the C
 largest of those probabilities. Belady sees the future and can beat it.
 
-    python bench/cache.py [--trace FILE ...] [--steps N] [--capacity F ...]
+`--model PATH` records a trace from that model in the same run (greedy-free sampling over a
+few prompts, experts streamed so that the next-layer gate lookahead's precision/recall is
+measured online too) and adds it to the table.
+
+    python bench/cache.py [--trace FILE ...] [--model PATH] [--steps N] [--capacity F ...]
 
 Prints a short table last.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -112,6 +117,8 @@ def main() -> None:
     parser.add_argument("--trace", nargs="*", default=[], help="recorded trace files")
     parser.add_argument("--steps", type=int, default=400, help="tokens per synthetic trace")
     parser.add_argument("--capacity", type=float, nargs="+", default=[0.1, 0.25, 0.5])
+    parser.add_argument("--model", help="record a trace from this MoE model in the same run")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per prompt (--model)")
     opts = parser.parse_args()
     start = time.perf_counter()
     traces = {
@@ -120,6 +127,10 @@ def main() -> None:
     }
     for path in opts.trace:
         traces[f"recorded {path}"] = (RoutingTrace.load(path), None, None)
+    gate = None
+    if opts.model:
+        trace, gate = record(opts.model, opts.tokens)
+        traces[f"model {Path(opts.model).name}"] = (trace, None, None)
     rows = []
     for name, (trace, spec, seed) in traces.items():
         accesses = trace.accesses()
@@ -144,6 +155,37 @@ def main() -> None:
             f"{name[:24]:<24}{spec_c:>9.0%}{lru:>7.3f}{ours:>7.3f}{best:>8.3f}{ratio:>8.2f}"
             f"{bound_text}{precision:>10.2f}{recall:>6.2f}"
         )
+    if gate is not None:
+        print(f"gate lookahead on {opts.model}: precision {gate[0]:.2f}, recall {gate[1]:.2f}")
+
+
+PROMPTS = [
+    "The history of the printing press begins in the fifteenth century,",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "Les montagnes des Alpes sont couvertes de neige en hiver, et",
+    "Q: What is the capital of Australia?\nA:",
+]
+
+
+def record(path: str, tokens: int) -> tuple[RoutingTrace, tuple[float, float]]:
+    """A routing trace of `path` generating from a few prompts, and the gate lookahead's
+    (precision, recall) measured while streaming the experts through a cache that holds all
+    of them (prediction is measured the same whatever the cache size)."""
+    import mer
+    from mer.sampling import SamplingParams
+
+    with mer.load_model(path, cache_bytes=1 << 62) as model:
+        if not model.args.is_moe:
+            raise SystemExit(f"{path}: not a Mixture-of-Experts model")
+        trace = RoutingTrace(model.args.n_layers, model.args.n_experts)
+        model.transformer.router_trace = trace
+        for i, text in enumerate(PROMPTS):
+            ids = model.tokenizer.encode(text)
+            params = SamplingParams(temperature=0.8, seed=i)
+            for _ in model.generate(ids, params, tokens, stop_ids=frozenset()):
+                pass
+        stats = model.expert_stats()
+    return trace, (stats["gate_precision"], stats["gate_recall"])
 
 
 if __name__ == "__main__":
