@@ -51,7 +51,8 @@ class _Flight:
     remaining: int
     nbytes: int
     started: float
-    demand: bool
+    demand: bool  # somebody waits for it (a read-ahead becomes demand when acquired)
+    cold: bool  # issued on demand: its latency is a cold read's
     error: ExpertReadError | None = None
 
 
@@ -64,7 +65,6 @@ class StreamStats:
     bytes_read: int = 0
     read_busy_s: float = 0.0  # wall time with at least one read in flight
     stall_s: float = 0.0  # time the forward pass waited for demand reads
-    wasted_prefetch_bytes: int = 0
     cold_read_ms: deque = field(default_factory=lambda: deque(maxlen=_LATENCIES))
     gate: PredictorStats = field(default_factory=PredictorStats)
 
@@ -246,7 +246,7 @@ class ExpertStreamer:
         now = time.perf_counter()
         if not self._flights:
             self._busy_since = now
-        flight = _Flight(key, len(segments), sum(s.length for s in segments), now, demand)
+        flight = _Flight(key, len(segments), sum(s.length for s in segments), now, demand, demand)
         self._flights[key] = flight
         if demand:
             self.stats.demand_reads += 1
@@ -299,7 +299,7 @@ class ExpertStreamer:
             logger.warning("event=prefetch_failed expert=%s error=%s", flight.key, flight.error)
             return None
         self.stats.bytes_read += flight.nbytes
-        if flight.demand:
+        if flight.cold:
             self.stats.cold_read_ms.append((now - flight.started) * 1e3)
         self.cache.complete(flight.key, ok=True)
         return None

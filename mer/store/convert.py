@@ -128,72 +128,76 @@ def convert(
             )
         shutil.rmtree(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    manifest_path = dst / fmt.MANIFEST
-    source = _Bytes()
-    specs = [
-        (i, e, spec)
-        for i, layer in enumerate(weights.layers)
-        for e, spec in enumerate(layer.experts)
-    ]
-    total = sum(m.nbytes for _, _, spec in specs for m in spec)
-    entries, layouts = [], []
-    layout_ids: dict[str, int] = {}
-    with _progress(progress) as bar:
-        task = bar.add_task(f"experts of {src.name}", total=total)
-        with open(dst / (fmt.EXPERTS_FILE + ".part"), "wb") as out:
-            at = 0
-            for layer, e, spec in specs:
-                expert = source.expert(spec)
-                mats = [requantize(w, quant) for w in (expert.gate, expert.up, expert.down)]
-                parts, end = [], 0
-                for w in mats:
-                    part, end = fmt.plane_layout(w, end)
-                    parts.append(part)
-                blob = bytearray(round_up(end, ALIGN))
-                for w, part in zip(mats, parts, strict=True):
-                    fmt.write_planes(w, part, blob, 0)
-                out.write(blob)
-                key = json.dumps(parts, sort_keys=True)
-                if key not in layout_ids:
-                    layout_ids[key] = len(layouts)
-                    layouts.append(parts)
-                entries.append(
-                    {
-                        "layer": layer,
-                        "expert": e,
-                        "offset": at,
-                        "length": end,
-                        "kinds": [w.kind for w in mats],
-                        "layout": layout_ids[key],
-                        "xxh3": f"{xxhash.xxh3_64_intdigest(memoryview(blob)[:end]):016x}",
-                    }
-                )
-                at += len(blob)
-                bar.advance(task, sum(m.nbytes for m in spec))
-        dense = _write_dense(weights, dst / (fmt.DENSE_FILE + ".part"))
-    tokenizer_files = _write_tokenizer(src, tokenizer, dst)
-    os.replace(dst / (fmt.EXPERTS_FILE + ".part"), dst / fmt.EXPERTS_FILE)
-    os.replace(dst / (fmt.DENSE_FILE + ".part"), dst / fmt.DENSE_FILE)
-    manifest = {
-        "format": fmt.FORMAT,
-        "version": fmt.VERSION,
-        "source": src.name,
-        "quant": quant,
-        "config": fmt.args_to_json(args),
-        "experts": {
-            "file": fmt.EXPERTS_FILE,
-            "bytes": at,
-            "align": ALIGN,
-            "layouts": layouts,
-            "entries": entries,
-        },
-        "dense": {"file": fmt.DENSE_FILE, **dense},
-        "tokenizer": tokenizer_files,
-    }
-    tmp = manifest_path.with_suffix(".part")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, manifest_path)  # last: a store without a manifest is not a store
-    return manifest
+    try:
+        manifest_path = dst / fmt.MANIFEST
+        source = _Bytes()
+        specs = [
+            (i, e, spec)
+            for i, layer in enumerate(weights.layers)
+            for e, spec in enumerate(layer.experts)
+        ]
+        total = sum(m.nbytes for _, _, spec in specs for m in spec)
+        entries, layouts = [], []
+        layout_ids: dict[str, int] = {}
+        with _progress(progress) as bar:
+            task = bar.add_task(f"experts of {src.name}", total=total)
+            with open(dst / (fmt.EXPERTS_FILE + ".part"), "wb") as out:
+                at = 0
+                for layer, e, spec in specs:
+                    expert = source.expert(spec)
+                    mats = [requantize(w, quant) for w in (expert.gate, expert.up, expert.down)]
+                    parts, end = [], 0
+                    for w in mats:
+                        part, end = fmt.plane_layout(w, end)
+                        parts.append(part)
+                    blob = bytearray(round_up(end, ALIGN))
+                    for w, part in zip(mats, parts, strict=True):
+                        fmt.write_planes(w, part, blob, 0)
+                    out.write(blob)
+                    key = json.dumps(parts, sort_keys=True)
+                    if key not in layout_ids:
+                        layout_ids[key] = len(layouts)
+                        layouts.append(parts)
+                    entries.append(
+                        {
+                            "layer": layer,
+                            "expert": e,
+                            "offset": at,
+                            "length": end,
+                            "kinds": [w.kind for w in mats],
+                            "layout": layout_ids[key],
+                            "xxh3": f"{xxhash.xxh3_64_intdigest(memoryview(blob)[:end]):016x}",
+                        }
+                    )
+                    at += len(blob)
+                    bar.advance(task, sum(m.nbytes for m in spec))
+            dense = _write_dense(weights, dst / (fmt.DENSE_FILE + ".part"))
+        tokenizer_files = _write_tokenizer(src, tokenizer, dst)
+        os.replace(dst / (fmt.EXPERTS_FILE + ".part"), dst / fmt.EXPERTS_FILE)
+        os.replace(dst / (fmt.DENSE_FILE + ".part"), dst / fmt.DENSE_FILE)
+        manifest = {
+            "format": fmt.FORMAT,
+            "version": fmt.VERSION,
+            "source": src.name,
+            "quant": quant,
+            "config": fmt.args_to_json(args),
+            "experts": {
+                "file": fmt.EXPERTS_FILE,
+                "bytes": at,
+                "align": ALIGN,
+                "layouts": layouts,
+                "entries": entries,
+            },
+            "dense": {"file": fmt.DENSE_FILE, **dense},
+            "tokenizer": tokenizer_files,
+        }
+        tmp = manifest_path.with_suffix(".part")
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, manifest_path)  # last: a store without a manifest is not a store
+        return manifest
+    except BaseException:
+        shutil.rmtree(dst, ignore_errors=True)  # dst was empty (or a store being replaced)
+        raise
 
 
 def _write_dense(weights: ModelWeights, path: Path) -> dict:

@@ -191,3 +191,27 @@ def test_cli_convert_and_generate(hf_mixtral, tmp_path):
         text=True,
     )
     assert bad.returncode == 2 and "not a size" in bad.stderr
+
+
+def test_failed_conversion_leaves_nothing(hf_mixtral, tmp_path, monkeypatch):
+    """A conversion that dies midway (here: the disk fills up) removes what it wrote, so the
+    next attempt starts clean and nothing half-written is ever loaded."""
+    import errno
+
+    import mer.store.convert as conv
+
+    calls = []
+
+    def full_disk(w, quant):
+        calls.append(w)
+        if len(calls) == 7:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return w
+
+    monkeypatch.setattr(conv, "requantize", full_disk)
+    with pytest.raises(OSError):
+        convert(hf_mixtral, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+    monkeypatch.undo()
+    convert(hf_mixtral, tmp_path / "s")
+    assert (tmp_path / "s" / "manifest.json").is_file()
