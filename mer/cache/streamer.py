@@ -173,7 +173,7 @@ class ExpertStreamer:
                 done: list[ExpertKey] = []
                 if ready:
                     key = ready.popleft()
-                    fn(key[1], self.source.decode(key, self._slot(key)))
+                    fn(key[1], self._weights(key))
                     self.cache.release(key)
                     leased.remove(key)
                     done = self._harvest(block=False) if self.busy else []
@@ -206,6 +206,18 @@ class ExpertStreamer:
     @property
     def busy(self) -> bool:
         return bool(self._flights)
+
+    def _weights(self, key: ExpertKey) -> ExpertWeights:
+        """The kernel-ready weights of a ready expert. Zero-copy sources (a store) give views
+        of the slot, kept while the slot holds the expert; others are decoded on each use."""
+        slot = self.cache.slot_of(key)
+        held = self._mem.decoded.get(slot)
+        if held is not None and held[0] == key:
+            return held[1]
+        weights = self.source.decode(key, self._slot(key))
+        if getattr(self.source, "zero_copy", False):
+            self._mem.decoded[slot] = (key, weights)
+        return weights
 
     def _slot(self, key: ExpertKey) -> np.ndarray:
         slot = self.cache.slot_of(key)
@@ -242,6 +254,7 @@ class ExpertStreamer:
                 self._read(key, slot, demand=False)
 
     def _read(self, key: ExpertKey, slot: int, demand: bool) -> None:
+        self._mem.decoded.pop(slot, None)  # the slot is about to hold other bytes
         segments = self.source.segments(key)
         now = time.perf_counter()
         if not self._flights:
@@ -354,11 +367,13 @@ class _Resources:
     def __init__(self, arena: Arena, readers: list[ExpertReader]) -> None:
         self.arena, self.readers = arena, readers
         self.base: np.ndarray | None = np.frombuffer(arena.buf, dtype=np.uint8)
+        self.decoded: dict[int, tuple[ExpertKey, ExpertWeights]] = {}  # slot -> its views
 
     def close(self) -> None:
         for reader in self.readers:
             reader.close()
         self.base = None
+        self.decoded.clear()
         self.arena.unlink()
         try:
             self.arena.close()

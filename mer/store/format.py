@@ -18,6 +18,7 @@ memory-mapped. The manifest is written last, so an interrupted conversion is not
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ def read_planes(layout: dict, buf: np.ndarray, base: int = 0) -> PackedWeight:
     planes = []
     for spec in layout["planes"]:
         dtype = np.dtype(spec["dtype"])
-        count = int(np.prod(spec["shape"], dtype=np.int64))
+        count = math.prod(spec["shape"])
         at = spec["offset"] - base
         raw = buf[at : at + count * dtype.itemsize]
         planes.append(raw.view(dtype).reshape(spec["shape"]))

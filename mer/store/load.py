@@ -4,6 +4,7 @@ or through the streaming cache (`StoreExperts`, checksums verified on read)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from mer.tokenizer import Tokenizer
 class StoreExperts:
     """The experts of a store as a streaming source: one checksummed read per expert, and
     weights that are zero-copy views of the slot."""
+
+    zero_copy = True  # decode() only makes views: they stay valid while the slot holds the blob
 
     def __init__(self, root: Path, manifest: dict, args: ModelArgs) -> None:
         table = manifest["experts"]
@@ -140,7 +143,7 @@ def _dense_weights(
     def array(name: str) -> np.ndarray:
         spec = get(name)["array"]
         dtype = np.dtype(spec["dtype"])
-        count = int(np.prod(spec["shape"], dtype=np.int64))
+        count = math.prod(spec["shape"])
         raw = mm[spec["offset"] : spec["offset"] + count * dtype.itemsize]
         return raw.view(dtype).reshape(spec["shape"])
 
