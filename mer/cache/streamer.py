@@ -120,6 +120,8 @@ class ExpertStreamer:
     # -- the forward pass's entry points -----------------------------------------------------
     def observe(self, layer: int, ids: Iterable[int]) -> None:
         """The experts layer `layer` chose for this step: scores and trains the predictors."""
+        if self.source.n_experts == 1:  # a dense FFN: nothing to predict
+            return
         actual = {int(e) for e in ids}
         predicted = self._gate_pred.pop(layer, None)
         if predicted is not None:
