@@ -116,43 +116,22 @@ def load_model(
     (default: all cores); max_seq_len: cap the context below the model's own maximum.
     cache_bytes: stream experts from disk through a RAM cache of this many bytes instead of
     loading them all; io_backend: "auto", "uring", "preadv" or "buffered"; verify: check
-    expert checksums (stores) on first read; prefetch: read predicted experts ahead.
+    expert checksums (stores) on every read; prefetch: read predicted experts ahead.
     """
     from dataclasses import replace
 
     from mer.cache.sources import FileExperts
-    from mer.models.gguf import load_gguf
-    from mer.models.hf import load_hf_dir
-    from mer.store.format import is_store
-    from mer.store.load import load_store
 
     source = Path(path)
-    if not source.exists():
-        raise ModelFormatError(f"{source}: no such model file or directory")
     if threads is not None:
         set_num_threads(threads)
     stream = cache_bytes is not None
-    if is_store(source):
-        if quant is not None:
-            raise ModelFormatError(
-                f"{source}: a mer store is already packed; choose --quant at `mer convert`"
-            )
-        args, weights, tokenizer, experts = load_store(source, stream=stream, verify=verify)
-    elif source.is_dir():
-        args, weights = load_hf_dir(source, quant, stream=stream)
-        tokenizer = Tokenizer.from_hf_dir(source) if (source / "tokenizer.json").exists() else None
-    else:
-        if quant is not None:
-            raise ModelFormatError(
-                f"{source}: --quant applies to Hugging Face checkpoints; "
-                "GGUF files are already quantized"
-            )
-        args, weights, tokenizer = load_gguf(source, stream=stream)
+    args, weights, tokenizer, experts = open_model_files(source, quant, stream, verify)
     if max_seq_len is not None:
         args = replace(args, max_seq_len=min(args.max_seq_len, max_seq_len))
     streamer = None
     if stream:
-        if not is_store(source):
+        if experts is None:  # streamed straight from the model's own files
             experts = FileExperts([layer.experts for layer in weights.layers])
         streamer = ExpertStreamer(
             experts,
@@ -163,3 +142,34 @@ def load_model(
             prefetch=prefetch,
         )
     return Model(args, weights, tokenizer, source, streamer)
+
+
+def open_model_files(
+    source: Path, quant: str | None = None, stream: bool = False, verify: bool = True
+) -> tuple:
+    """(args, weights, tokenizer or None, StoreExperts or None) of a mer store, a Hugging Face
+    directory or a GGUF file. With `stream`, the layers list where experts lie on disk (a store
+    serves them through its StoreExperts) instead of holding them."""
+    from mer.models.gguf import load_gguf
+    from mer.models.hf import load_hf_dir
+    from mer.store.format import is_store
+    from mer.store.load import load_store
+
+    if not source.exists():
+        raise ModelFormatError(f"{source}: no such model file or directory")
+    if is_store(source):
+        if quant is not None:
+            raise ModelFormatError(
+                f"{source}: a mer store is already packed; choose --quant at `mer convert`"
+            )
+        return load_store(source, stream=stream, verify=verify)
+    if source.is_dir():
+        args, weights = load_hf_dir(source, quant, stream=stream)
+        tokenizer = Tokenizer.from_hf_dir(source) if (source / "tokenizer.json").exists() else None
+        return args, weights, tokenizer, None
+    if quant is not None:
+        raise ModelFormatError(
+            f"{source}: --quant applies to Hugging Face checkpoints; "
+            "GGUF files are already quantized"
+        )
+    return (*load_gguf(source, stream=stream), None)

@@ -69,10 +69,6 @@ class FileExperts:
     def segments(self, key: ExpertKey) -> Sequence[Segment]:
         return self._segments[key]
 
-    def nbytes(self, key: ExpertKey) -> int:
-        """Bytes read for `key` (the aligned supersets)."""
-        return sum(s.length for s in self._segments[key])
-
     def decode(self, key: ExpertKey, slot: np.ndarray) -> ExpertWeights:
         parts = []
         for m, seg in zip(self._specs[key], self._segments[key], strict=True):

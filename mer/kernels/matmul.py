@@ -88,6 +88,14 @@ def quantize(arr: np.ndarray, kind: str) -> PackedWeight:
     return from_gguf_blocks(quantize_blocks(a, kind), kind, a.shape[0], a.shape[1])
 
 
+def requantize(w: PackedWeight, quant: str | None) -> PackedWeight:
+    """`w` re-quantized to "q8_0" or "q4_0" from its float32 values; unchanged when `quant` is
+    None or already its kind."""
+    if quant is None or w.kind == quant:
+        return w
+    return quantize(dequantize(w), quant)
+
+
 def from_gguf_blocks(raw: np.ndarray, kind: str, rows: int, cols: int) -> PackedWeight:
     """GGUF block bytes (uint8, row-major) of a [rows, cols] matrix -> PackedWeight.
 

@@ -19,13 +19,12 @@ from .mm_f32 import (
     PF_MIN_BYTES,
     PF_ROWS,
     ROW_GROUP,
-    SMALL_N,
     chunk_bounds,
     gemm_tile,
     prefetch,
 )
 from .mm_half import h2f
-from .mm_q8_0 import transpose_x
+from .mm_q8_0 import run_blocks
 
 KIND = "q4_0"
 BLOCK = 32
@@ -200,13 +199,4 @@ def run(
     nt: int,
 ) -> None:
     """out[:, r0-ooff:r1-ooff] = x[:, c0-xoff:c1-xoff] @ W[r0:r1, c0:c1].T on nt threads."""
-    q, d = planes
-    b0, b1 = c0 // 32, c1 // 32
-    # The layout choice travels as an argument: numba's cache would not see an edited constant
-    # in another module, and kernel and activations must agree on it.
-    cb = 0 if x.shape[0] <= SMALL_N else CHUNK_BLOCKS
-    xt = transpose_x(x, xoff, b0, b1, cb if cb else b1 - b0)
-    if nt == 1:
-        _rows(q, d, xt, out, r0, r1, b0, b1, ooff, cb)
-    else:
-        _par(q, d, xt, out, r0, r1, b0, b1, ooff, cb, nt)
+    run_blocks(_rows, _par, planes, x, out, r0, r1, c0, c1, xoff, ooff, nt)

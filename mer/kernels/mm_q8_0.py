@@ -180,6 +180,12 @@ def run(
     nt: int,
 ) -> None:
     """out[:, r0-ooff:r1-ooff] = x[:, c0-xoff:c1-xoff] @ W[r0:r1, c0:c1].T on nt threads."""
+    run_blocks(_rows, _par, planes, x, out, r0, r1, c0, c1, xoff, ooff, nt)
+
+
+def run_blocks(rows, par, planes, x, out, r0, r1, c0, c1, xoff, ooff, nt) -> None:
+    """`run` for a kind stored as (quants, f16 scales) in blocks of 32 with activations
+    transposed by `transpose_x` (Q8_0, Q4_0); `rows`/`par` are its serial/parallel kernels."""
     q, d = planes
     b0, b1 = c0 // 32, c1 // 32
     # The layout choice travels as an argument: numba's cache would not see an edited constant
@@ -187,6 +193,6 @@ def run(
     cb = 0 if x.shape[0] <= SMALL_N else CHUNK_BLOCKS
     xt = transpose_x(x, xoff, b0, b1, cb if cb else b1 - b0)
     if nt == 1:
-        _rows(q, d, xt, out, r0, r1, b0, b1, ooff, cb)
+        rows(q, d, xt, out, r0, r1, b0, b1, ooff, cb)
     else:
-        _par(q, d, xt, out, r0, r1, b0, b1, ooff, cb, nt)
+        par(q, d, xt, out, r0, r1, b0, b1, ooff, cb, nt)

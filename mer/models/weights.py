@@ -9,9 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from mer.io.raw import to_float32
-from mer.kernels.matmul import PackedWeight, dequantize, from_gguf_blocks, pack_float, quantize
-
-FLOAT_DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
+from mer.kernels.matmul import PackedWeight, dequantize, from_gguf_blocks, requantize
 
 
 @dataclass(frozen=True)
@@ -42,12 +40,7 @@ class MatrixSpec:
 
     def pack(self, raw: np.ndarray) -> PackedWeight:
         """A PackedWeight from this matrix's bytes `raw` (uint8); float kinds stay views."""
-        if self.kind in FLOAT_DTYPES:
-            arr = raw.view(FLOAT_DTYPES[self.kind]).reshape(self.rows, self.cols)
-            if self.quant is not None:
-                return quantize(np.ascontiguousarray(to_float32(arr, self.kind)), self.quant)
-            return pack_float(arr, self.kind)
-        return from_gguf_blocks(raw, self.kind, self.rows, self.cols)
+        return requantize(from_gguf_blocks(raw, self.kind, self.rows, self.cols), self.quant)
 
 
 ExpertSpec = tuple[MatrixSpec, MatrixSpec, MatrixSpec]  # gate, up, down of one expert on disk

@@ -18,32 +18,12 @@ import xxhash
 
 from mer.errors import ModelFormatError
 from mer.io.arena import ALIGN, round_up
-from mer.kernels.matmul import PackedWeight, dequantize, quantize
+from mer.kernels.matmul import PackedWeight, requantize
+from mer.model import open_model_files
+from mer.models.hf import QUANT_KINDS
 from mer.models.weights import ExpertSpec, ExpertWeights, MatrixSpec, ModelWeights
 from mer.store import format as fmt
 from mer.tokenizer import Tokenizer
-
-QUANT_KINDS = ("q8_0", "q4_0")
-
-
-def open_source(src: Path, quant: str | None = None) -> tuple:
-    """(args, weights with experts as ExpertSpecs, tokenizer or None) of a model file/dir."""
-    from mer.models.gguf import load_gguf
-    from mer.models.hf import load_hf_dir
-
-    if not src.exists():
-        raise ModelFormatError(f"{src}: no such model file or directory")
-    if fmt.is_store(src):
-        raise ModelFormatError(f"{src}: already a mer store")
-    if src.is_dir():
-        args, weights = load_hf_dir(src, quant, stream=True)
-        tok = Tokenizer.from_hf_dir(src) if (src / "tokenizer.json").exists() else None
-        return args, weights, tok
-    if quant is not None:
-        raise ModelFormatError(
-            f"{src}: --quant applies to Hugging Face checkpoints; GGUF files are already quantized"
-        )
-    return load_gguf(src, stream=True)
 
 
 class _Bytes:
@@ -60,13 +40,6 @@ class _Bytes:
         if mm is None:
             mm = self._maps[m.file] = np.memmap(m.file, dtype=np.uint8, mode="r")
         return m.pack(mm[m.offset : m.offset + m.nbytes])
-
-
-def requantize(w: PackedWeight, quant: str | None) -> PackedWeight:
-    """`w` in block type `quant` (unchanged when None or already so)."""
-    if quant is None or w.kind == quant:
-        return w
-    return quantize(dequantize(w), quant)
 
 
 def dense_tensors(weights: ModelWeights) -> Iterator[tuple[str, PackedWeight | np.ndarray]]:
@@ -119,7 +92,9 @@ def convert(
     src, dst = Path(src), Path(dst)
     if quant is not None and quant not in QUANT_KINDS:
         raise ModelFormatError(f"--quant {quant!r}: choose one of {', '.join(QUANT_KINDS)}")
-    args, weights, tokenizer = open_source(src)
+    if fmt.is_store(src):
+        raise ModelFormatError(f"{src}: already a mer store")
+    args, weights, tokenizer, _ = open_model_files(src, stream=True)
     if dst.exists() and any(dst.iterdir()):
         if not force or not fmt.is_store(dst):
             raise ModelFormatError(

@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -52,20 +53,28 @@ def takes_o_direct_fixture() -> Callable[[Path], bool]:
     return takes_o_direct
 
 
-@pytest.fixture(scope="module")
-def disk_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A directory on a real disk (not tmpfs) that accepts O_DIRECT; removed afterwards."""
-    base = tmp_path_factory.mktemp("io")
+@contextmanager
+def o_direct_dir(base: Path) -> Iterator[Path | None]:
+    """`base` if it is on a real disk (not tmpfs) that accepts O_DIRECT, else a fresh directory
+    next to the repository if that one does (removed afterwards), else None."""
     if fs_type(base) != "tmpfs" and takes_o_direct(base):
         yield base
         return
     made = Path(tempfile.mkdtemp(prefix="mer-io-test-", dir=REPO.parent))
     try:
-        if not takes_o_direct(made):
-            pytest.skip(f"no directory that takes O_DIRECT (tried {base} and {made})")
-        yield made
+        yield made if takes_o_direct(made) else None
     finally:
         shutil.rmtree(made, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def disk_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A directory on a real disk (not tmpfs) that accepts O_DIRECT; removed afterwards."""
+    base = tmp_path_factory.mktemp("io")
+    with o_direct_dir(base) as found:
+        if found is None:
+            pytest.skip(f"no directory that takes O_DIRECT (tried {base} and next to the repo)")
+        yield found
 
 
 @pytest.fixture(scope="module")

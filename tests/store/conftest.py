@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.io.conftest import REPO, fs_type, takes_o_direct
+from tests.io.conftest import o_direct_dir, takes_o_direct
 from tests.support.hf_models import build_model, save_model
 from tests.support.tokenizers import write_tokenizer
 
@@ -19,14 +17,8 @@ from tests.support.tokenizers import write_tokenizer
 def store_dir(tmp_path_factory) -> Iterator[Path]:
     """A directory on a real disk, or the temporary directory when none takes O_DIRECT."""
     base = tmp_path_factory.mktemp("store")
-    if fs_type(base) != "tmpfs" and takes_o_direct(base):
-        yield base
-        return
-    made = Path(tempfile.mkdtemp(prefix="mer-store-test-", dir=REPO.parent))
-    try:
-        yield made if takes_o_direct(made) else base
-    finally:
-        shutil.rmtree(made, ignore_errors=True)
+    with o_direct_dir(base) as found:
+        yield found or base
 
 
 @pytest.fixture
