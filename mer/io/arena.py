@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
-from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
 from numpy.typing import DTypeLike
 
 from mer.errors import MerError
+from mer.io import shm as shm_names
 
 ALIGN = 4096
 _MAGIC = 0x4D45524152454E41  # "MERARENA": marks the header page that makes `attach(name)` work
-_TRACKER_LOCK = threading.Lock()
 
 
 def round_up(n: int, align: int = ALIGN) -> int:
@@ -40,10 +38,19 @@ class Arena:
     fit in the budget after a one-page header (magic, slot size, slot count) that lets
     `Arena.attach(name)` rebuild the layout. Creation pre-faults every page so the first read into
     a slot does not pay for page faults. The creator `unlink()`s the region when done (leaving the
-    `with` block does it); attached processes only `close()`.
+    `with` block does it); attached processes only `close()`. The region is named after its
+    owner (`mer.io.shm`: this process unless `owner` says otherwise), so that a later mer start
+    removes it if the owner is killed before it can unlink it.
     """
 
-    def __init__(self, budget_bytes: int, slot_bytes: int, *, name: str | None = None) -> None:
+    def __init__(
+        self,
+        budget_bytes: int,
+        slot_bytes: int,
+        *,
+        name: str | None = None,
+        owner: shm_names.Owner | None = None,
+    ) -> None:
         if slot_bytes <= 0:
             raise MerError(f"arena slot size must be positive, got {slot_bytes} bytes")
         slot_size = round_up(slot_bytes)
@@ -51,17 +58,23 @@ class Arena:
         if n_slots < 1:
             raise MerError(f"arena budget of {budget_bytes} bytes holds no {slot_size}-byte slot")
         size = ALIGN + n_slots * slot_size
+        shm_names.sweep_orphans()  # dead owners' arenas would count against /dev/shm's room
         try:
-            shm = SharedMemory(name=name, create=True, size=size)
+            shm = shm_names.create(name or shm_names.segment_name("arena", owner), size)
         except OSError as e:
-            raise MerError(f"cannot create a {size}-byte shared-memory arena: {e}") from e
+            raise MerError(
+                f"cannot create a shared-memory arena of {size / 2**20:.1f} MiB: {e.strerror}"
+            ) from e
         try:
             # Reserve the pages now: an overfull /dev/shm is then ENOSPC here, not SIGBUS later.
             os.posix_fallocate(shm._fd, 0, size)  # type: ignore[attr-defined]
         except OSError as e:
             shm.close()
-            shm.unlink()
-            raise MerError(f"cannot reserve {size} bytes for arena {shm.name!r}: {e}") from e
+            shm_names.unlink(shm.name)
+            raise MerError(
+                f"cannot reserve {size / 2**20:.1f} MiB of shared memory in "
+                f"{shm_names.SHM_DIR}: {e.strerror} (choose a smaller cache budget)"
+            ) from e
         self._setup(shm, owner=True)
         # First touch of fresh memory is slow; pay it now, one byte per 4 KiB page.
         pages = np.frombuffer(self._buf, dtype=np.uint8)[::ALIGN]
@@ -92,7 +105,11 @@ class Arena:
     def attach(cls, name: str) -> Arena:
         """Open, by name, an arena that another process created."""
         arena = cls.__new__(cls)
-        arena._setup(_attach_untracked(name), owner=False)
+        try:
+            shm = shm_names.attach(name)
+        except OSError as e:
+            raise MerError(f"cannot open shared-memory arena {name!r}: {e.strerror}") from e
+        arena._setup(shm, owner=False)
         try:
             arena._read_header()
         except MerError:
@@ -141,7 +158,7 @@ class Arena:
     def unlink(self) -> None:
         """Remove the region's name (creator only); existing mappings stay valid until closed."""
         if self.owner and not self._unlinked:
-            self._shm.unlink()
+            shm_names.unlink(self._shm.name)
             self._unlinked = True
 
     def __enter__(self) -> Arena:
@@ -150,23 +167,3 @@ class Arena:
     def __exit__(self, *exc: object) -> None:
         self.close()
         self.unlink()
-
-
-def _attach_untracked(name: str) -> SharedMemory:
-    """Open shared memory by name without the resource tracker adopting it.
-
-    Python < 3.13 registers attached segments with the resource tracker, which then unlinks them
-    when the attaching process exits, or complains about a double unregister when it shares the
-    creator's tracker. `track=False` (3.13+) avoids that; older versions skip the register call.
-    """
-    try:
-        return SharedMemory(name=name, track=False)  # type: ignore[call-arg]
-    except TypeError:
-        pass
-    with _TRACKER_LOCK:
-        register = resource_tracker.register
-        resource_tracker.register = lambda *a, **k: None
-        try:
-            return SharedMemory(name=name)
-        finally:
-            resource_tracker.register = register
