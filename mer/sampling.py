@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mer.errors import ParamError
+
 # top-p first looks among the most likely few ids; a full sort of a 150k vocab costs ~20 ms.
 _TOP_P_PROBES = (1024, 16384)
 
@@ -34,31 +36,31 @@ class SamplingParams:
         def number(name: str) -> float:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise ValueError(f"{name} must be a number, got {value!r}")
+                raise ParamError(name, f"must be a number, got {value!r}")
             if not math.isfinite(value):
-                raise ValueError(f"{name} must be finite, got {value!r}")
+                raise ParamError(name, f"must be finite, got {value!r}")
             return float(value)
 
         def integer(name: str) -> int:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
+                raise ParamError(name, f"must be an integer, got {value!r}")
             return int(value)
 
         if number("temperature") < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+            raise ParamError("temperature", f"must be >= 0, got {self.temperature!r}")
         if integer("top_k") < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k!r}")
+            raise ParamError("top_k", f"must be >= 0 (0 disables it), got {self.top_k!r}")
         if not 0.0 < number("top_p") <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise ParamError("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if not 0.0 <= number("min_p") <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+            raise ParamError("min_p", f"must be in [0, 1], got {self.min_p!r}")
         number("presence_penalty")
         number("frequency_penalty")
         if number("repetition_penalty") <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+            raise ParamError("repetition_penalty", f"must be > 0, got {self.repetition_penalty!r}")
         if self.seed is not None and integer("seed") < 0:
-            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+            raise ParamError("seed", f"must be a non-negative integer or None, got {self.seed!r}")
 
 
 def apply_penalties(

@@ -10,6 +10,7 @@
 # module (mm_f32.py holds the shared ones): after editing those, delete the *.nbi/*.nbc files.
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -45,8 +46,7 @@ class PackedWeight:
     @property
     def gguf_nbytes(self) -> int:
         """Bytes of this matrix in GGUF encoding."""
-        m = _KINDS[self.kind]
-        return self.rows * (self.cols // m.BLOCK) * m.BLOCK_BYTES
+        return self.rows * row_bytes(self.kind, self.cols)
 
     @property
     def block_size(self) -> int:
@@ -58,6 +58,15 @@ def _kind(kind: str) -> ModuleType:
     if kind not in _KINDS:
         raise ValueError(f"unknown weight kind {kind!r}; known kinds: {', '.join(_KINDS)}")
     return _KINDS[kind]
+
+
+def row_bytes(kind: str, cols: int) -> int:
+    """Bytes of one row of `cols` weights of `kind` in GGUF encoding (ValueError if `kind` is
+    unknown or `cols` not a whole number of its blocks)."""
+    m = _kind(kind)
+    if cols % m.BLOCK:
+        raise ValueError(f"{kind} rows of {cols}: not a multiple of the block size {m.BLOCK}")
+    return (cols // m.BLOCK) * m.BLOCK_BYTES
 
 
 def pack_float(arr: np.ndarray, kind: str) -> PackedWeight:
@@ -112,6 +121,26 @@ def from_gguf_blocks(raw: np.ndarray, kind: str, rows: int, cols: int) -> Packed
         )
     raw = np.ascontiguousarray(raw).reshape(-1)
     return PackedWeight(kind, rows, cols, m.from_raw(raw, rows, cols))
+
+
+@functools.cache
+def _row_planes(kind: str, cols: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    m = _kind(kind)
+    if kind in _FLOAT_DTYPES:
+        raw = np.zeros((1, cols), _FLOAT_DTYPES[kind]).view(np.uint8).reshape(-1)
+    else:
+        raw = np.zeros((cols // m.BLOCK) * m.BLOCK_BYTES, np.uint8)
+    return tuple((p.dtype.str, p.shape[1:]) for p in from_gguf_blocks(raw, kind, 1, cols).planes)
+
+
+def plane_specs(kind: str, rows: int, cols: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The (dtype, shape) of each plane of a [rows, cols] matrix of `kind`, as packing makes
+    them (every plane's first dimension is the row). ValueError for an impossible matrix."""
+    if rows < 1 or cols < 1:
+        raise ValueError(f"{kind} matrix [{rows}, {cols}]: dimensions must be positive")
+    if cols % _kind(kind).BLOCK:
+        raise ValueError(f"{kind} matrix [{rows}, {cols}]: cols must be a multiple of its block")
+    return [(dtype, (rows, *shape)) for dtype, shape in _row_planes(kind, cols)]
 
 
 def dequantize(w: PackedWeight) -> np.ndarray:

@@ -16,13 +16,15 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from mer.errors import ModelFormatError
+from mer.errors import MerError, ModelFormatError, os_error_text
 from mer.io.arena import ALIGN, round_up
 from mer.kernels.matmul import PackedWeight, requantize
 from mer.model import open_model_files
+from mer.models.args import ModelArgs
 from mer.models.hf import QUANT_KINDS
 from mer.models.weights import ExpertSpec, ExpertWeights, MatrixSpec, ModelWeights
 from mer.store import format as fmt
+from mer.store import staging
 from mer.tokenizer import Tokenizer
 
 
@@ -87,92 +89,138 @@ def convert(
     """Write the store for model `src` into directory `dst`; returns its manifest.
 
     quant: "q8_0" or "q4_0" re-quantizes every expert matrix that is not already of that type.
-    force: replace an existing store at `dst`. progress: show a progress bar on stderr.
+    force: replace an existing store (or what an interrupted conversion left) at `dst`.
+    progress: show a progress bar on stderr. The store is written beside `dst` and swapped in
+    complete (`mer.store.staging`): an interrupted conversion leaves `dst` as it was.
     """
     src, dst = Path(src), Path(dst)
     if quant is not None and quant not in QUANT_KINDS:
         raise ModelFormatError(f"--quant {quant!r}: choose one of {', '.join(QUANT_KINDS)}")
     if fmt.is_store(src):
         raise ModelFormatError(f"{src}: already a mer store")
+    _check_destination(dst, force)
     args, weights, tokenizer, _ = open_model_files(src, stream=True)
-    if dst.exists() and any(dst.iterdir()):
-        if not force or not fmt.is_store(dst):
-            raise ModelFormatError(
-                f"{dst}: exists and is not empty"
-                + (" (use --force to replace the store)" if fmt.is_store(dst) else "")
-            )
-        shutil.rmtree(dst)
-    dst.mkdir(parents=True, exist_ok=True)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging.sweep(dst)
+    work = staging.staging_dir(dst)
+    work.mkdir()
     try:
-        manifest_path = dst / fmt.MANIFEST
-        source = _Bytes()
-        specs = [
-            (i, e, spec)
-            for i, layer in enumerate(weights.layers)
-            for e, spec in enumerate(layer.experts)
-        ]
-        total = sum(m.nbytes for _, _, spec in specs for m in spec)
-        entries, layouts = [], []
-        layout_ids: dict[str, int] = {}
-        with _progress(progress) as bar:
-            task = bar.add_task(f"experts of {src.name}", total=total)
-            with open(dst / (fmt.EXPERTS_FILE + ".part"), "wb") as out:
-                at = 0
-                for layer, e, spec in specs:
-                    expert = source.expert(spec)
-                    mats = [requantize(w, quant) for w in (expert.gate, expert.up, expert.down)]
-                    parts, end = [], 0
-                    for w in mats:
-                        part, end = fmt.plane_layout(w, end)
-                        parts.append(part)
-                    blob = bytearray(round_up(end, ALIGN))
-                    for w, part in zip(mats, parts, strict=True):
-                        fmt.write_planes(w, part, blob, 0)
-                    out.write(blob)
-                    key = json.dumps(parts, sort_keys=True)
-                    if key not in layout_ids:
-                        layout_ids[key] = len(layouts)
-                        layouts.append(parts)
-                    entries.append(
-                        {
-                            "layer": layer,
-                            "expert": e,
-                            "offset": at,
-                            "length": end,
-                            "kinds": [w.kind for w in mats],
-                            "layout": layout_ids[key],
-                            "xxh3": f"{xxhash.xxh3_64_intdigest(memoryview(blob)[:end]):016x}",
-                        }
-                    )
-                    at += len(blob)
-                    bar.advance(task, sum(m.nbytes for m in spec))
-            dense = _write_dense(weights, dst / (fmt.DENSE_FILE + ".part"))
-        tokenizer_files = _write_tokenizer(src, tokenizer, dst)
-        os.replace(dst / (fmt.EXPERTS_FILE + ".part"), dst / fmt.EXPERTS_FILE)
-        os.replace(dst / (fmt.DENSE_FILE + ".part"), dst / fmt.DENSE_FILE)
-        manifest = {
-            "format": fmt.FORMAT,
-            "version": fmt.VERSION,
-            "source": src.name,
-            "quant": quant,
-            "config": fmt.args_to_json(args),
-            "experts": {
-                "file": fmt.EXPERTS_FILE,
-                "bytes": at,
-                "align": ALIGN,
-                "layouts": layouts,
-                "entries": entries,
-            },
-            "dense": {"file": fmt.DENSE_FILE, **dense},
-            "tokenizer": tokenizer_files,
-        }
-        tmp = manifest_path.with_suffix(".part")
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, manifest_path)  # last: a store without a manifest is not a store
+        (work / fmt.CONVERTING).write_text(f"converting {src.name} into {dst.name}\n")
+        try:
+            manifest = _write_store(src, work, args, weights, tokenizer, quant, progress)
+        except OSError as err:
+            raise MerError(f"cannot write the store {dst}: {os_error_text(err)}") from None
+        (work / fmt.CONVERTING).unlink()
+        staging.swap_in(work, dst)
         return manifest
     except BaseException:
-        shutil.rmtree(dst, ignore_errors=True)  # dst was empty (or a store being replaced)
+        shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def _check_destination(dst: Path, force: bool) -> None:
+    """Refuse to write over anything but an empty directory, or with `force` a store or what
+    an interrupted conversion left."""
+    for parent in dst.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ModelFormatError(f"{parent}: a file is in the way of {dst}")
+            break
+    if not dst.exists():
+        return
+    if not dst.is_dir():
+        raise ModelFormatError(f"{dst}: a file is in the way (choose a directory for the store)")
+    if fmt.is_store(dst):
+        if not force:
+            raise ModelFormatError(f"{dst}: already holds a mer store (use --force to replace it)")
+    elif fmt.is_unfinished_store(dst):
+        if not force:
+            raise ModelFormatError(
+                f"{dst}: an unfinished mer store left by an interrupted conversion "
+                "(use --force to replace it)"
+            )
+    elif any(dst.iterdir()):
+        raise ModelFormatError(
+            f"{dst}: exists, is not empty and is not a mer store (choose another directory)"
+        )
+
+
+def _write_store(
+    src: Path,
+    dst: Path,
+    args: ModelArgs,
+    weights: ModelWeights,
+    tokenizer: Tokenizer | None,
+    quant: str | None,
+    progress: bool,
+) -> dict:
+    """Write a complete store into the (empty) directory `dst`; the manifest last."""
+    source = _Bytes()
+    specs = [
+        (i, e, spec)
+        for i, layer in enumerate(weights.layers)
+        for e, spec in enumerate(layer.experts)
+    ]
+    total = sum(m.nbytes for _, _, spec in specs for m in spec)
+    entries, layouts = [], []
+    layout_ids: dict[str, int] = {}
+    with _progress(progress) as bar:
+        task = bar.add_task(f"experts of {src.name}", total=total)
+        with open(dst / fmt.EXPERTS_FILE, "wb") as out:
+            at = 0
+            for layer, e, spec in specs:
+                expert = source.expert(spec)
+                mats = [requantize(w, quant) for w in (expert.gate, expert.up, expert.down)]
+                parts, end = [], 0
+                for w in mats:
+                    part, end = fmt.plane_layout(w, end)
+                    parts.append(part)
+                blob = bytearray(round_up(end, ALIGN))
+                for w, part in zip(mats, parts, strict=True):
+                    fmt.write_planes(w, part, blob, 0)
+                out.write(blob)
+                key = json.dumps(parts, sort_keys=True)
+                if key not in layout_ids:
+                    layout_ids[key] = len(layouts)
+                    layouts.append(parts)
+                entries.append(
+                    {
+                        "layer": layer,
+                        "expert": e,
+                        "offset": at,
+                        "length": end,
+                        "kinds": [w.kind for w in mats],
+                        "layout": layout_ids[key],
+                        "xxh3": f"{xxhash.xxh3_64_intdigest(memoryview(blob)[:end]):016x}",
+                    }
+                )
+                at += len(blob)
+                bar.advance(task, sum(m.nbytes for m in spec))
+            out.flush()
+            os.fsync(out.fileno())
+        dense = _write_dense(weights, dst / fmt.DENSE_FILE)
+    tokenizer_files = _write_tokenizer(src, tokenizer, dst)
+    manifest = {
+        "format": fmt.FORMAT,
+        "version": fmt.VERSION,
+        "source": src.name,
+        "quant": quant,
+        "config": fmt.args_to_json(args),
+        "experts": {
+            "file": fmt.EXPERTS_FILE,
+            "bytes": at,
+            "align": ALIGN,
+            "layouts": layouts,
+            "entries": entries,
+        },
+        "dense": {"file": fmt.DENSE_FILE, **dense},
+        "tokenizer": tokenizer_files,
+    }
+    with open(dst / fmt.MANIFEST, "w") as out:
+        out.write(json.dumps(manifest, indent=1))
+        out.flush()
+        os.fsync(out.fileno())
+    return manifest
 
 
 def _write_dense(weights: ModelWeights, path: Path) -> dict:
@@ -197,7 +245,10 @@ def _write_dense(weights: ModelWeights, path: Path) -> dict:
             spec = tensors[name]["array"]
             flat = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
             buf[spec["offset"] : spec["offset"] + flat.nbytes] = flat.data
-    path.write_bytes(buf)
+    with open(path, "wb") as out:
+        out.write(buf)
+        out.flush()
+        os.fsync(out.fileno())
     return {"bytes": at, "xxh3": f"{xxhash.xxh3_64_intdigest(buf):016x}", "tensors": tensors}
 
 

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mer.errors import ModelFormatError
-from mer.kernels.matmul import PackedWeight
+from mer.kernels.matmul import PackedWeight, plane_specs
 from mer.models.args import ModelArgs, RopeArgs
 
 FORMAT = "mer-store"
@@ -65,8 +65,21 @@ def write_planes(w: PackedWeight, layout: dict, out: bytearray | memoryview, bas
         out[at : at + p.nbytes] = np.ascontiguousarray(p).reshape(-1).view(np.uint8).data
 
 
+def layout_end(layout: dict) -> int:
+    """The byte just past the last plane of a (checked) matrix layout."""
+    return max(
+        p["offset"] + math.prod(p["shape"]) * np.dtype(p["dtype"]).itemsize
+        for p in layout["planes"]
+    )
+
+
 def read_planes(layout: dict, buf: np.ndarray, base: int = 0) -> PackedWeight:
-    """A PackedWeight whose planes are views of the uint8 array `buf` (offsets minus `base`)."""
+    """A PackedWeight whose planes are views of the uint8 array `buf` (offsets minus `base`).
+    The layout must have passed `check_manifest`; `buf` must hold all its planes."""
+    if layout_end(layout) - base > buf.shape[0]:
+        raise ModelFormatError(
+            f"a {layout['kind']} matrix runs past the end of its {buf.shape[0]}-byte block"
+        )
     planes = []
     for spec in layout["planes"]:
         dtype = np.dtype(spec["dtype"])
@@ -81,14 +94,152 @@ def args_to_json(args: ModelArgs) -> dict[str, Any]:
     return asdict(args)
 
 
+_JSON_TYPES = {
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+    "int | None": (int, type(None)),
+}
+
+
+def _typed(cls: type, config: Any, source: Path, where: str) -> dict[str, Any]:
+    """`config` checked against the annotations of dataclass `cls` (missing keys keep their
+    defaults; unknown keys and wrong types are errors)."""
+    if not isinstance(config, dict):
+        raise ModelFormatError(f"{source}: {where} must be an object")
+    known = {f.name: f.type for f in fields(cls)}
+    out = {}
+    for key, value in config.items():
+        if key not in known:
+            raise ModelFormatError(f"{source}: {where}.{key} is not a known setting")
+        types = _JSON_TYPES.get(str(known[key]))
+        if types is not None:
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise ModelFormatError(f"{source}: {where}.{key} must be {known[key]}")
+            value = float(value) if known[key] == "float" else value
+        out[key] = value
+    return out
+
+
 def args_from_json(config: dict[str, Any], source: Path) -> ModelArgs:
+    values = _typed(ModelArgs, config, source, "config")
+    rope = _typed(RopeArgs, values.get("rope", {}), source, "config.rope")
+    factors = rope.get("freq_factors")
+    if factors is not None:
+        if not isinstance(factors, list) or not all(_is_number(f) for f in factors):
+            raise ModelFormatError(f"{source}: config.rope.freq_factors must be numbers")
+        rope["freq_factors"] = tuple(float(f) for f in factors)
     try:
-        rope = dict(config["rope"])
-        if rope.get("freq_factors") is not None:
-            rope["freq_factors"] = tuple(float(f) for f in rope["freq_factors"])
-        return ModelArgs(**{**config, "rope": RopeArgs(**rope)})
-    except (KeyError, TypeError, ValueError) as err:
+        return ModelArgs(**{**values, "rope": RopeArgs(**rope)})
+    except TypeError as err:
         raise ModelFormatError(f"{source}: bad model config in the manifest ({err})") from None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_matrix_layout(layout: Any, source: Path, where: str) -> None:
+    """A matrix's layout names a known kind, positive dimensions, and exactly the planes that
+    packing such a matrix makes, at non-negative offsets (else the kernels would read out of
+    bounds)."""
+    if not isinstance(layout, dict):
+        raise ModelFormatError(f"{source}: {where} must be an object")
+    kind, rows, cols, planes = (layout.get(k) for k in ("kind", "rows", "cols", "planes"))
+    if not isinstance(kind, str) or not _is_count(rows) or not _is_count(cols):
+        raise ModelFormatError(f"{source}: {where} needs a kind, rows and cols")
+    try:
+        expected = plane_specs(kind, rows, cols)
+    except ValueError as err:
+        raise ModelFormatError(f"{source}: {where}: {err}") from None
+    if not isinstance(planes, list) or len(planes) != len(expected):
+        raise ModelFormatError(f"{source}: {where} must list {len(expected)} planes")
+    for plane, (dtype, shape) in zip(planes, expected, strict=True):
+        if (
+            not isinstance(plane, dict)
+            or not _is_count(plane.get("offset"))
+            or plane.get("dtype") != dtype
+            or plane.get("shape") != list(shape)
+        ):
+            raise ModelFormatError(
+                f"{source}: {where}: its planes do not match a {kind} [{rows}, {cols}] matrix"
+            )
+
+
+def _check_array(spec: Any, source: Path, where: str) -> None:
+    try:
+        ok = (
+            isinstance(spec, dict)
+            and _is_count(spec.get("offset"))
+            and isinstance(spec.get("shape"), list)
+            and all(_is_count(d) for d in spec["shape"])
+            and np.dtype(spec.get("dtype")).kind in "fiub"
+        )
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ModelFormatError(f"{source}: {where} must give an offset, a dtype and a shape")
+
+
+def check_manifest(data: dict[str, Any], source: Path) -> None:
+    """Every section and entry of a manifest has the types and shapes mer relies on."""
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ModelFormatError(f"{source}: {what}")
+
+    experts, dense = data.get("experts"), data.get("dense")
+    need(isinstance(data.get("config"), dict), "config must be an object")
+    need(isinstance(experts, dict), "experts must be an object")
+    need(isinstance(experts.get("file"), str), "experts.file must be a file name")
+    layouts, entries = experts.get("layouts"), experts.get("entries")
+    need(isinstance(layouts, list), "experts.layouts must be a list")
+    for i, layout in enumerate(layouts):
+        need(
+            isinstance(layout, list) and len(layout) == 3, f"experts.layouts[{i}] needs 3 matrices"
+        )
+        for j, matrix in enumerate(layout):
+            check_matrix_layout(matrix, source, f"experts.layouts[{i}][{j}]")
+    need(isinstance(entries, list), "experts.entries must be a list")
+    for i, entry in enumerate(entries):
+        where = f"experts.entries[{i}]"
+        need(isinstance(entry, dict), f"{where} must be an object")
+        for key in ("layer", "expert", "offset", "length", "layout"):
+            need(_is_count(entry.get(key)), f"{where}.{key} must be a whole number")
+        need(entry["layout"] < len(layouts), f"{where}.layout names no layout")
+        kinds = entry.get("kinds")
+        need(
+            isinstance(kinds, list) and len(kinds) == 3 and all(isinstance(k, str) for k in kinds),
+            f"{where}.kinds must be 3 block types",
+        )
+        try:
+            int(entry.get("xxh3"), 16)
+        except (TypeError, ValueError):
+            need(False, f"{where}.xxh3 must be a hexadecimal checksum")
+    need(isinstance(dense, dict), "dense must be an object")
+    need(isinstance(dense.get("file"), str), "dense.file must be a file name")
+    need(_is_count(dense.get("bytes")), "dense.bytes must be a whole number")
+    try:
+        int(dense.get("xxh3"), 16)
+    except (TypeError, ValueError):
+        need(False, "dense.xxh3 must be a hexadecimal checksum")
+    tensors = dense.get("tensors")
+    need(isinstance(tensors, dict), "dense.tensors must be an object")
+    for name, spec in tensors.items():
+        if isinstance(spec, dict) and "array" in spec:
+            _check_array(spec["array"], source, f"dense.tensors.{name}.array")
+        else:
+            check_matrix_layout(spec, source, f"dense.tensors.{name}")
+    tokenizer = data.get("tokenizer", [])
+    need(
+        isinstance(tokenizer, list) and all(isinstance(t, str) for t in tokenizer),
+        "tokenizer must list file names",
+    )
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
@@ -107,8 +258,24 @@ def read_manifest(root: Path) -> dict[str, Any]:
             f"{path}: store format version {data.get('version')} is not supported "
             f"(this mer reads version {VERSION}); convert the model again"
         )
+    check_manifest(data, path)
     return data
 
 
 def is_store(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
+
+
+# What a conversion writes before its manifest: their presence without a manifest marks a
+# store whose conversion did not finish.
+CONVERTING = "CONVERTING"
+_PARTS = (CONVERTING, EXPERTS_FILE, EXPERTS_FILE + ".part", DENSE_FILE, DENSE_FILE + ".part")
+
+
+def is_unfinished_store(path: Path) -> bool:
+    """A directory a conversion wrote into but did not finish (no manifest)."""
+    return (
+        path.is_dir()
+        and not (path / MANIFEST).exists()
+        and any((path / name).exists() for name in _PARTS)
+    )

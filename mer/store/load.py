@@ -14,7 +14,7 @@ import xxhash
 from mer.cache.sources import ExpertKey, Segment
 from mer.errors import ModelFormatError
 from mer.io.arena import ALIGN, round_up
-from mer.kernels.matmul import PackedWeight
+from mer.kernels.matmul import PackedWeight, row_bytes
 from mer.models.args import ModelArgs
 from mer.models.weights import Embedding, ExpertWeights, LayerWeights, ModelWeights
 from mer.store import format as fmt
@@ -39,15 +39,11 @@ class StoreExperts:
             size = path.stat().st_size
         except OSError as err:
             raise ModelFormatError(f"{path}: cannot open ({err.strerror})") from None
-        for entry in table["entries"]:
-            try:
-                key = (int(entry["layer"]), int(entry["expert"]))
-                offset, length = int(entry["offset"]), int(entry["length"])
-                layout = self._layouts[int(entry["layout"])]
-                int(entry["xxh3"], 16)
-            except (KeyError, TypeError, ValueError, IndexError) as err:
-                raise ModelFormatError(f"{root / fmt.MANIFEST}: bad expert entry ({err})") from None
-            if offset % ALIGN or length <= 0 or len(layout) != 3:
+        ends = [max(fmt.layout_end(m) for m in layout) for layout in self._layouts]
+        for entry in table["entries"]:  # types checked with the manifest
+            key = (entry["layer"], entry["expert"])
+            offset, length = entry["offset"], entry["length"]
+            if offset % ALIGN or length <= 0 or ends[entry["layout"]] > length:
                 raise ModelFormatError(f"{root / fmt.MANIFEST}: bad expert entry {key}")
             if offset + length > size:
                 raise ModelFormatError(
@@ -66,6 +62,10 @@ class StoreExperts:
     def segments(self, key: ExpertKey) -> Sequence[Segment]:
         entry = self._entries[key]
         return (Segment(0, int(entry["offset"]), int(entry["length"]), 0, int(entry["xxh3"], 16)),)
+
+    def kinds(self, key: ExpertKey) -> tuple[str, str, str]:
+        gate, up, down = (m["kind"] for m in self._layouts[self._entries[key]["layout"]])
+        return gate, up, down
 
     def decode(self, key: ExpertKey, slot: np.ndarray) -> ExpertWeights:
         layout = self._layouts[int(self._entries[key]["layout"])]
@@ -93,13 +93,9 @@ def load_store(
 ) -> tuple[ModelArgs, ModelWeights, Tokenizer | None, StoreExperts]:
     """Args, weights, tokenizer and expert source of the store in `root`. Experts are loaded
     into the weights unless `stream`; then the layers list none and the source serves them."""
-    manifest = fmt.read_manifest(root)
-    try:
-        args = fmt.args_from_json(manifest["config"], root / fmt.MANIFEST)
-        dense_info = manifest["dense"]
-        manifest["experts"]["entries"]
-    except (KeyError, TypeError) as err:
-        raise ModelFormatError(f"{root / fmt.MANIFEST}: missing section {err}") from None
+    manifest = fmt.read_manifest(root)  # its structure and types checked
+    args = fmt.args_from_json(manifest["config"], root / fmt.MANIFEST)
+    dense_info = manifest["dense"]
     experts = StoreExperts(root, manifest, args)
     dense = _map_dense(root, dense_info, verify)
     weights = _dense_weights(root, args, dense_info["tensors"], dense, experts, stream, verify)
@@ -132,40 +128,73 @@ def _dense_weights(
     stream: bool,
     verify: bool,
 ) -> ModelWeights:
-    def get(name: str) -> dict:
-        if name not in tensors:
-            raise ModelFormatError(f"{root / fmt.MANIFEST}: dense tensor {name} is missing")
-        return tensors[name]
+    manifest = root / fmt.MANIFEST
 
-    def matrix(name: str) -> PackedWeight:
-        return fmt.read_planes(get(name), mm)
+    def get(name: str, array: bool) -> dict:
+        spec = tensors.get(name)
+        if spec is None:
+            raise ModelFormatError(f"{manifest}: dense tensor {name} is missing")
+        if ("array" in spec) != array:
+            what = "an array" if array else "a matrix"
+            raise ModelFormatError(f"{manifest}: dense tensor {name} should be {what}")
+        return spec
 
-    def array(name: str) -> np.ndarray:
-        spec = get(name)["array"]
+    def matrix(name: str, rows: int, cols: int) -> PackedWeight:
+        spec = get(name, array=False)
+        if (spec["rows"], spec["cols"]) != (rows, cols):
+            raise ModelFormatError(
+                f"{manifest}: dense tensor {name} is [{spec['rows']}, {spec['cols']}], "
+                f"the config implies [{rows}, {cols}]"
+            )
+        try:
+            return fmt.read_planes(spec, mm)
+        except ModelFormatError as err:
+            raise ModelFormatError(f"{mm_path}: dense tensor {name}: {err}") from None
+
+    def array(name: str, *shape: int | None) -> np.ndarray:
+        """A float array of `shape` (None: any length there)."""
+        spec = get(name, array=True)["array"]
         dtype = np.dtype(spec["dtype"])
-        count = math.prod(spec["shape"])
-        raw = mm[spec["offset"] : spec["offset"] + count * dtype.itemsize]
-        return raw.view(dtype).reshape(spec["shape"])
+        got = spec["shape"]
+        if len(got) != len(shape) or any(
+            w not in (None, g) for g, w in zip(got, shape, strict=True)
+        ):
+            raise ModelFormatError(f"{manifest}: dense tensor {name} has shape {got}")
+        end = spec["offset"] + math.prod(got) * dtype.itemsize
+        if end > mm.shape[0]:
+            raise ModelFormatError(f"{mm_path}: dense tensor {name} runs past the end")
+        return mm[spec["offset"] : end].view(dtype).reshape(got)
 
+    mm_path = root / fmt.DENSE_FILE
+    d, q_dim = args.dim, args.n_heads * args.head_dim
+    kv_dim = args.n_kv_heads * args.head_dim
     resident = None if stream else experts.resident(verify)
     layers = []
     for i in range(args.n_layers):
         p = f"layers.{i}."
         layers.append(
             LayerWeights(
-                attn_norm=array(p + "attn_norm"),
-                wq=matrix(p + "wq"),
-                wk=matrix(p + "wk"),
-                wv=matrix(p + "wv"),
-                wo=matrix(p + "wo"),
-                ffn_norm=array(p + "ffn_norm"),
-                router=array(p + "router") if args.is_moe else None,
+                attn_norm=array(p + "attn_norm", d),
+                wq=matrix(p + "wq", q_dim, d),
+                wk=matrix(p + "wk", kv_dim, d),
+                wv=matrix(p + "wv", kv_dim, d),
+                wo=matrix(p + "wo", d, q_dim),
+                ffn_norm=array(p + "ffn_norm", d),
+                router=array(p + "router", args.n_experts, d) if args.is_moe else None,
                 experts=() if resident is None else resident[i],
             )
         )
+    embed = get("embed", array=True)
+    kind, raw = embed.get("kind"), array("embed", args.vocab_size, None)
+    try:
+        size = row_bytes(kind, d)
+    except (KeyError, ValueError, TypeError):
+        raise ModelFormatError(f"{manifest}: dense tensor embed has no known kind") from None
+    if raw.nbytes != args.vocab_size * size:
+        raise ModelFormatError(f"{manifest}: dense tensor embed does not hold {kind} rows of {d}")
     return ModelWeights(
-        embed=Embedding(array("embed"), get("embed")["kind"], args.vocab_size, args.dim),
+        embed=Embedding(raw, kind, args.vocab_size, d),
         layers=layers,
-        norm=array("norm"),
-        lm_head=matrix("lm_head"),
+        norm=array("norm", d),
+        lm_head=matrix("lm_head", args.vocab_size, d),
     )

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import mer
-from mer.errors import ModelFormatError
+from mer.errors import MerError, ModelFormatError
 from mer.models.sources import resolve_model
 from mer.sampling import SamplingParams
 from mer.store.convert import convert
@@ -153,7 +153,7 @@ def test_convert_refuses_to_overwrite(hf_mixtral, q4_store, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    _one_line_error(lambda: convert(hf_mixtral, other), "exists and is not empty")
+    _one_line_error(lambda: convert(hf_mixtral, other), "is not empty and is not a mer store")
     assert (other / "notes.txt").read_text() == "mine"
     _one_line_error(lambda: convert(q4_store, tmp_path / "x"), "already a mer store")
 
@@ -183,7 +183,7 @@ def test_cli_convert_and_generate(hf_mixtral, tmp_path):
         check=True,
     )
     assert json.loads(got.stdout)["token_ids"] == json.loads(ref.stdout)["token_ids"]
-    stats = json.loads(got.stderr.strip().splitlines()[-1])
+    stats = json.loads(got.stdout)["stats"]
     assert stats["slots"] >= 1 and stats["misses"] > 0
     bad = subprocess.run(
         [*run, "generate", "--model", str(store), "--cache-bytes", "lots", *args],
@@ -209,9 +209,9 @@ def test_failed_conversion_leaves_nothing(hf_mixtral, tmp_path, monkeypatch):
         return w
 
     monkeypatch.setattr(conv, "requantize", full_disk)
-    with pytest.raises(OSError):
+    with pytest.raises(MerError, match="no space left on device"):
         convert(hf_mixtral, tmp_path / "s")
-    assert not (tmp_path / "s").exists()
+    assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
     convert(hf_mixtral, tmp_path / "s")
     assert (tmp_path / "s" / "manifest.json").is_file()
