@@ -50,6 +50,16 @@ class GGUFFile:
                 raise ModelFormatError(
                     f"{self.path}: truncated GGUF file (tensor {t.name} runs past the end)"
                 )
+        # A tensor's size follows from its block type and shape; a wrong type in the header
+        # makes it overlap the next tensor's data.
+        ordered = sorted(self.reader.tensors, key=lambda t: t.data_offset)
+        for a, b in zip(ordered, ordered[1:], strict=False):
+            if a.data_offset + a.n_bytes > b.data_offset:
+                raise ModelFormatError(
+                    f"{self.path}: corrupt GGUF file (tensor {a.name}, of type "
+                    f"{a.tensor_type.name} and shape {list(reversed(a.shape.tolist()))}, "
+                    f"overlaps tensor {b.name}: its type does not match its size)"
+                )
 
     def meta(self, key: str, default: Any = ...) -> Any:
         """Metadata `key` (str, number, bool or list); missing and no default is an error."""

@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 
-@njit(cache=True, nogil=True, fastmath=True, parallel=True)
+@njit(cache=True, nogil=True, fastmath=True, parallel=True, error_model="numpy")
 def _attention(q, k_cache, v_cache, p0, window, scale, out):  # pragma: no cover - compiled
     n, h, hd = q.shape
     g = k_cache.shape[1]

@@ -9,7 +9,7 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True, nogil=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
 def _rmsnorm(x, w, eps, out):  # pragma: no cover - compiled
     n, d = x.shape
     for t in range(n):

@@ -9,7 +9,7 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _route(logits, k, idx, weights):  # pragma: no cover - compiled
     n, e = logits.shape
     probs = np.empty(e, np.float32)
@@ -30,6 +30,11 @@ def _route(logits, k, idx, weights):  # pragma: no cover - compiled
             for j in range(e):
                 if probs[j] >= 0 and (best < 0 or probs[j] > probs[best]):
                     best = j
+            if best < 0:  # NaN scores (corrupt weights): any unchosen id, the NaN flows on
+                for j in range(e):
+                    if probs[j] != -1.0:
+                        best = j
+                        break
             idx[t, a] = best
             weights[t, a] = probs[best]
             kept += probs[best]

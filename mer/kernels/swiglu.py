@@ -12,7 +12,7 @@ from numba import njit
 from .matmul import PackedWeight, _check_x, dequantize, run_kernel
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _silu_mul(g, u):
     # silu(z) = z / (1 + exp(-z)) in float32; exp overflow gives z/inf = -0, the right limit.
     one = np.float32(1.0)

@@ -45,7 +45,15 @@ class ModelArgs:
     rope: RopeArgs = field(default_factory=RopeArgs)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "dim",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "head_dim",
+            "max_seq_len",
+        ):
             if getattr(self, name) <= 0:
                 raise ModelFormatError(f"model config: {name} must be positive")
         if self.n_heads % self.n_kv_heads:

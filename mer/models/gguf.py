@@ -43,9 +43,10 @@ def load_gguf(path: Path, stream: bool = False) -> tuple[ModelArgs, ModelWeights
     args = _args(gg, arch)
     backend, add_bos = build_tokenizer(gg)
     tokens = gg.meta("tokenizer.ggml.tokens")
-    bos_id = gg.meta("tokenizer.ggml.bos_token_id", None)
-    eos_id = gg.meta("tokenizer.ggml.eos_token_id", None)
-    eot_id = gg.meta("tokenizer.ggml.eot_token_id", None)
+    bos_id, eos_id, eot_id = (
+        _token_id(gg, f"tokenizer.ggml.{name}_token_id", len(tokens))
+        for name in ("bos", "eos", "eot")
+    )
     tokenizer = Tokenizer.from_parts(
         backend,
         bos_token=tokens[bos_id] if bos_id is not None else None,
@@ -57,7 +58,27 @@ def load_gguf(path: Path, stream: bool = False) -> tuple[ModelArgs, ModelWeights
     return args, _Loader(gg, args, stream).model(), tokenizer
 
 
+def _token_id(gg: GGUFFile, key: str, vocab_size: int) -> int | None:
+    """Special token id `key` from the metadata, checked against the vocabulary."""
+    value = gg.meta(key, None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
+        raise ModelFormatError(
+            f"{gg.path}: metadata {key} = {value!r} is not a token id "
+            f"(the vocabulary has {vocab_size} tokens)"
+        )
+    return value
+
+
 def _args(gg: GGUFFile, arch: str) -> ModelArgs:
+    try:
+        return _read_args(gg, arch)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise ModelFormatError(f"{gg.path}: malformed {arch} metadata ({err})") from None
+
+
+def _read_args(gg: GGUFFile, arch: str) -> ModelArgs:
     def m(key: str, default=...):
         return gg.meta(f"{arch}.{key}", default)
 

@@ -51,18 +51,25 @@ def _byte_level_pre(pre: str) -> pre_tokenizers.PreTokenizer:
 def build_tokenizer(gg: GGUFFile) -> tuple[Tokenizer, bool]:
     """The tokenizer and whether llama.cpp adds BOS to a plain prompt."""
     kind = gg.meta("tokenizer.ggml.model")
-    tokens: list[str] = gg.meta("tokenizer.ggml.tokens")
-    types: list[int] = gg.meta("tokenizer.ggml.token_type", [NORMAL] * len(tokens))
+    tokens: list[str] = _meta_list(gg, "tokenizer.ggml.tokens", str)
+    types: list[int] = _meta_list(gg, "tokenizer.ggml.token_type", int, len(tokens), NORMAL)
     vocab = {tok: i for i, tok in enumerate(tokens)}
     if kind == "gpt2":
-        merges = [tuple(m.split(" ", 1)) for m in gg.meta("tokenizer.ggml.merges")]
+        merges = _meta_list(gg, "tokenizer.ggml.merges", str)
+        if not all(" " in m for m in merges):
+            raise ModelFormatError(f"{gg.path}: tokenizer.ggml.merges must be pairs 'a b'")
+        merges = [tuple(m.split(" ", 1)) for m in merges]
         tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
         tok.pre_tokenizer = _byte_level_pre(gg.meta("tokenizer.ggml.pre", "default"))
         tok.decoder = decoders.ByteLevel()
         add_bos_default = False
     elif kind == "llama":
-        scores: list[float] = gg.meta("tokenizer.ggml.scores")
+        scores: list[float] = _meta_list(gg, "tokenizer.ggml.scores", float, len(tokens))
         unk_id = gg.meta("tokenizer.ggml.unknown_token_id", 0)
+        if not isinstance(unk_id, int) or not 0 <= unk_id < len(tokens):
+            raise ModelFormatError(
+                f"{gg.path}: tokenizer.ggml.unknown_token_id = {unk_id!r} is not a token id"
+            )
         tok = Tokenizer(
             models.BPE(
                 vocab=vocab,
@@ -91,6 +98,24 @@ def build_tokenizer(gg: GGUFFile) -> tuple[Tokenizer, bool]:
     tok.add_special_tokens([s for s in specials if s.special])
     tok.add_tokens([s for s in specials if not s.special])
     return tok, bool(gg.meta("tokenizer.ggml.add_bos_token", add_bos_default))
+
+
+def _meta_list(
+    gg: GGUFFile, key: str, kind: type, length: int | None = None, fill: object = ...
+) -> list:
+    """Metadata list `key` of `kind` items (ints count as floats), of `length` if given;
+    `fill` repeated to that length when the key is absent, if given."""
+    if fill is not ... and gg.meta(key, None) is None:
+        return [fill] * (length or 0)
+    value = gg.meta(key)
+    kinds = (int, float) if kind is float else (kind,)
+    if not isinstance(value, list) or not all(isinstance(v, kinds) for v in value):
+        raise ModelFormatError(f"{gg.path}: metadata {key} must be a list of {kind.__name__}")
+    if length is not None and len(value) != length:
+        raise ModelFormatError(
+            f"{gg.path}: metadata {key} has {len(value)} entries for {length} tokens"
+        )
+    return value
 
 
 def _merges_by_score(

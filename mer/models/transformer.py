@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mer.errors import MerError
 from mer.kernels.attention import attention
 from mer.kernels.matmul import matmul
 from mer.kernels.rmsnorm import rmsnorm
@@ -18,8 +19,24 @@ from mer.models.args import ModelArgs
 from mer.models.weights import ExpertWeights, LayerWeights, ModelWeights
 
 
+class ContextFullError(MerError):
+    """A sequence would grow past the model's context (`ModelArgs.max_seq_len`)."""
+
+
+class NonFiniteError(MerError):
+    """A part of the model produced NaN or infinite values: its weights are corrupt.
+
+    `where` names the part ("expert 3 of layer 1"); `part` is its kind: "embeddings",
+    "attention", "router", "experts" or "head"."""
+
+    def __init__(self, where: str, part: str) -> None:
+        super().__init__(f"{where} produced non-finite values")
+        self.where, self.part = where, part
+
+
 class KVCache:
-    """Keys and values of one sequence, float32 [capacity, G, hd] per layer; grows on demand."""
+    """Keys and values of one sequence, float32 [capacity, G, hd] per layer; grows on demand
+    (from `capacity` positions, or the whole context if that is smaller)."""
 
     def __init__(self, args: ModelArgs, capacity: int = 256) -> None:
         self.args = args
@@ -27,12 +44,12 @@ class KVCache:
         self.capacity = 0
         self.k: list[np.ndarray] = []
         self.v: list[np.ndarray] = []
-        self.reserve(capacity)
+        self.reserve(min(capacity, args.max_seq_len))
 
     def reserve(self, needed: int) -> None:
         if needed > self.args.max_seq_len:
-            raise ValueError(
-                f"context of {needed} tokens exceeds the model's maximum of {self.args.max_seq_len}"
+            raise ContextFullError(
+                f"{needed} tokens do not fit the context of {self.args.max_seq_len} tokens"
             )
         if needed <= self.capacity:
             return
@@ -56,20 +73,36 @@ class Transformer:
         self.streamer = None  # an ExpertStreamer when experts are streamed from disk, or None
 
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = True) -> np.ndarray:
-        """Logits float32 [n, V] (or [1, V] for the last token only) for tokens [n]."""
-        args = self.args
+        """Logits float32 [n, V] (or [1, V] for the last token only) for tokens [n].
+
+        Raises NonFiniteError naming the first part of the model that produced NaN or
+        infinite values, if the logits are not all finite (corrupt weights)."""
         tokens = np.asarray(tokens, dtype=np.int64)
+        p0 = cache.length
+        logits = self._run(tokens, cache, all_logits, check=False)
+        if not np.isfinite(logits).all():
+            # Rare and fatal: run the same tokens again, checking after every part.
+            cache.length = p0
+            self._run(tokens, cache, all_logits, check=True)  # raises where it starts
+            raise NonFiniteError("the output head", "head")
+        return logits
+
+    def _run(self, tokens: np.ndarray, cache: KVCache, all_logits: bool, check: bool) -> np.ndarray:
+        args = self.args
         n, p0 = len(tokens), cache.length
         if n == 0:
             raise ValueError("forward: no tokens")
         cache.reserve(p0 + n)
         cos, sin = rope_tables(self.inv_freq, np.arange(p0, p0 + n))
         x = self.weights.embed.lookup(tokens)
+        _check(check, x, "the token embeddings", "embeddings")
         for index, layer in enumerate(self.weights.layers):
             x = x + self._attention(
                 layer, rmsnorm(x, layer.attn_norm, args.norm_eps), cache, index, cos, sin
             )
-            x = x + self._ffn(index, layer, rmsnorm(x, layer.ffn_norm, args.norm_eps))
+            _check(check, x, f"the attention of layer {index}", "attention")
+            x = x + self._ffn(index, layer, rmsnorm(x, layer.ffn_norm, args.norm_eps), check)
+            _check(check, x, f"the feed-forward of layer {index}", "experts")
         cache.length = p0 + n
         if not all_logits:
             x = x[-1:]
@@ -96,12 +129,14 @@ class Transformer:
         out = attention(q, cache.k[index], cache.v[index], p0, args.sliding_window)
         return matmul(layer.wo, out.reshape(n, args.n_heads * args.head_dim))
 
-    def _ffn(self, index: int, layer: LayerWeights, h: np.ndarray) -> np.ndarray:
+    def _ffn(self, index: int, layer: LayerWeights, h: np.ndarray, check: bool) -> np.ndarray:
         if layer.router is None:  # a dense FFN: one expert, always chosen
             chosen = np.zeros((h.shape[0], 1), np.int64)
             weights = np.ones((h.shape[0], 1), np.float32)
         else:
-            chosen, weights = route(h @ layer.router.T, self.args.n_experts_per_tok)  # [n, A]
+            scores = h @ layer.router.T
+            _check(check, scores, f"the router of layer {index}", "router")
+            chosen, weights = route(scores, self.args.n_experts_per_tok)  # [n, A]
         ids = np.unique(chosen).tolist()
         if self.router_trace is not None and layer.router is not None:
             self.router_trace.record(index, ids)
@@ -111,6 +146,8 @@ class Transformer:
             rows, _ = np.nonzero(chosen == e)  # each token picks an expert at most once
             x = np.ascontiguousarray(h[rows])
             outputs[e] = expert_forward(expert.gate, expert.up, expert.down, x)
+            if layer.router is not None:
+                _check(check, outputs[e], f"expert {e} of layer {index}", "experts")
 
         if self.streamer is None:
             for e in ids:
@@ -118,7 +155,7 @@ class Transformer:
         else:
             layers = self.weights.layers
             following = layers[index + 1].router if index + 1 < len(layers) else None
-            self.streamer.observe(index, ids)
+            self.streamer.observe(index, ids, h.shape[0])
             self.streamer.run(index, ids, compute, self.streamer.predict_next(index, h, following))
         if layer.router is None:
             return outputs[0]
@@ -129,3 +166,8 @@ class Transformer:
             rows, slots = np.nonzero(chosen == e)
             out[rows] += weights[rows, slots][:, None] * outputs[e]
         return out
+
+
+def _check(enabled: bool, values: np.ndarray, where: str, part: str) -> None:
+    if enabled and not np.isfinite(values).all():
+        raise NonFiniteError(where, part)

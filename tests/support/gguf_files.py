@@ -19,8 +19,9 @@ def keep(name: str, data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> Itera
 def rewrite(
     src: Path, dst: Path, meta: dict[str, Any] | None = None, tensors: TensorRewrite = keep
 ) -> Path:
-    """Copy src to dst with metadata values replaced by `meta` and each tensor passed through
-    `tensors(name, raw data, type)`, which yields the (name, data, type) triples to write."""
+    """Copy src to dst with metadata values replaced (or added) by `meta` and each tensor
+    passed through `tensors(name, raw data, type)`, which yields the (name, data, type)
+    triples to write. An added key is a uint32, float32 or string by its value's type."""
     reader = gguf.GGUFReader(src)
     meta = meta or {}
     arch = meta.get("general.architecture", reader.fields["general.architecture"].contents())
@@ -33,6 +34,10 @@ def rewrite(
             writer.add_key_value(name, value, vtype, sub_type=field.types[-1])
         else:
             writer.add_key_value(name, value, vtype)
+    added = {int: gguf.GGUFValueType.UINT32, float: gguf.GGUFValueType.FLOAT32}
+    for name, value in meta.items():
+        if name not in reader.fields:
+            writer.add_key_value(name, value, added.get(type(value), gguf.GGUFValueType.STRING))
     for t in reader.tensors:
         for name, data, qtype in tensors(t.name, np.array(t.data), t.tensor_type):
             writer.add_tensor(name, data, raw_dtype=qtype)
@@ -50,3 +55,16 @@ def split_experts(name: str, data: np.ndarray, qtype: gguf.GGMLQuantizationType)
         return
     for e in range(data.shape[0]):
         yield name.replace("_exps.weight", f".{e}.weight"), data[e], qtype
+
+
+def retype(src: Path, dst: Path, name: str, qtype: gguf.GGMLQuantizationType) -> Path:
+    """Copy src to dst with the header giving tensor `name` block type `qtype` (its data
+    unchanged): a file that still parses, with a type that does not match the tensor's size."""
+    reader = gguf.GGUFReader(src)
+    (tensor,) = [t for t in reader.tensors if t.name == name]
+    # A tensor's header entry: name length, name, dimension count, dimensions, type, offset.
+    at = tensor.field.offset + sum(part.nbytes for part in tensor.field.parts[:4])
+    data = bytearray(Path(src).read_bytes())
+    data[at : at + 4] = int(qtype).to_bytes(4, "little")
+    Path(dst).write_bytes(bytes(data))
+    return dst
