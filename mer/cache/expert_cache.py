@@ -97,12 +97,22 @@ class CacheStats:
     prefetch_wasted: int = 0
     evictions: int = 0
     hits_by_layer: dict[int, int] = field(default_factory=dict)
+    pending_by_layer: dict[int, int] = field(default_factory=dict)
     misses_by_layer: dict[int, int] = field(default_factory=dict)
 
     @property
+    def acquires(self) -> int:
+        return self.hits + self.pending_hits + self.misses
+
+    @property
     def hit_rate(self) -> float:
-        total = self.hits + self.pending_hits + self.misses
-        return (self.hits + self.pending_hits) / total if total else 0.0
+        """Share of acquires that found the expert ready (a read still in flight is not a hit)."""
+        return self.hits / self.acquires if self.acquires else 0.0
+
+    @property
+    def pending_rate(self) -> float:
+        """Share of acquires that found a read of the expert in flight (read ahead)."""
+        return self.pending_hits / self.acquires if self.acquires else 0.0
 
 
 class CacheFullError(RuntimeError):
@@ -335,6 +345,7 @@ class ExpertCache:
                 self.stats.hits_by_layer[layer] = self.stats.hits_by_layer.get(layer, 0) + 1
                 return Status.HIT, entry.slot
             self.stats.pending_hits += 1
+            self.stats.pending_by_layer[layer] = self.stats.pending_by_layer.get(layer, 0) + 1
             return Status.PENDING, entry.slot
         slot = self._take_slot(for_score=None)
         if slot is None:

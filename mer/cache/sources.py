@@ -44,6 +44,10 @@ class ExpertSource(Protocol):
 
     def decode(self, key: ExpertKey, slot: np.ndarray) -> ExpertWeights: ...
 
+    def kinds(self, key: ExpertKey) -> tuple[str, str, str]:
+        """The block types of the expert's gate, up and down matrices."""
+        ...
+
 
 class FileExperts:
     """Experts read from the model's own files. Each matrix's bytes are read as the smallest
@@ -68,6 +72,10 @@ class FileExperts:
 
     def segments(self, key: ExpertKey) -> Sequence[Segment]:
         return self._segments[key]
+
+    def kinds(self, key: ExpertKey) -> tuple[str, str, str]:
+        gate, up, down = (m.quant or m.kind for m in self._specs[key])  # kinds after packing
+        return gate, up, down
 
     def decode(self, key: ExpertKey, slot: np.ndarray) -> ExpertWeights:
         parts = []

@@ -54,17 +54,21 @@ class _Flight:
     demand: bool  # somebody waits for it (a read-ahead becomes demand when acquired)
     cold: bool  # issued on demand: its latency is a cold read's
     error: ExpertReadError | None = None
+    acquired: float | None = None  # when a read-ahead in flight was acquired (an in-flight hit)
 
 
 @dataclass
 class StreamStats:
     """Counters of the streaming tier (the cache's own counters are in `cache.stats`)."""
 
+    steps: int = 0  # forward passes (each visits every layer once)
+    tokens: int = 0  # tokens those passes processed
     demand_reads: int = 0
     prefetch_reads: int = 0
     bytes_read: int = 0
     read_busy_s: float = 0.0  # wall time with at least one read in flight
     stall_s: float = 0.0  # time the forward pass waited for demand reads
+    inflight_wait_s: float = 0.0  # time from acquiring a read-ahead in flight to its arrival
     cold_read_ms: deque = field(default_factory=lambda: deque(maxlen=_LATENCIES))
     gate: PredictorStats = field(default_factory=PredictorStats)
 
@@ -118,8 +122,12 @@ class ExpertStreamer:
         self._busy_since: float | None = None
 
     # -- the forward pass's entry points -----------------------------------------------------
-    def observe(self, layer: int, ids: Iterable[int]) -> None:
-        """The experts layer `layer` chose for this step: scores and trains the predictors."""
+    def observe(self, layer: int, ids: Iterable[int], n_tokens: int) -> None:
+        """The experts layer `layer` chose for this step of `n_tokens` tokens: scores and
+        trains the predictors."""
+        if layer == 0:
+            self.stats.steps += 1
+            self.stats.tokens += n_tokens
         if self.source.n_experts == 1:  # a dense FFN: nothing to predict
             return
         actual = {int(e) for e in ids}
@@ -242,7 +250,9 @@ class ExpertStreamer:
             if status is Status.MISS:
                 self._read(key, slot, demand=True)
             else:  # a read-ahead in flight: now somebody waits for it
-                self._flights[key].demand = True
+                flight = self._flights[key]
+                flight.demand = True
+                flight.acquired = time.perf_counter()
 
     def _prefetch(self, needs: dict[ExpertKey, float]) -> None:
         self.cache.hint(self._hint)
@@ -316,39 +326,67 @@ class ExpertStreamer:
         self.stats.bytes_read += flight.nbytes
         if flight.cold:
             self.stats.cold_read_ms.append((now - flight.started) * 1e3)
+        if flight.acquired is not None:
+            self.stats.inflight_wait_s += now - flight.acquired
         self.cache.complete(flight.key, ok=True)
         return None
 
     # -- telemetry and shutdown --------------------------------------------------------------
+    def sample_experts(self) -> list[ExpertWeights]:
+        """One expert of each block-type mix the source holds, decoded from zeroed bytes: what
+        the kernels will be given, for compiling them ahead of use."""
+        zeros = np.zeros(self.arena.slot_size, np.uint8)
+        seen: dict[tuple[str, ...], ExpertWeights] = {}
+        for layer in range(self.source.n_layers):
+            for e in range(self.source.n_experts):
+                kinds = self.source.kinds((layer, e))
+                if kinds not in seen:
+                    seen[kinds] = self.source.decode((layer, e), zeros)
+        return list(seen.values())
+
     def telemetry(self) -> dict:
-        """Hit rates (overall and per layer), bytes and speed of reads, cold-read latency,
-        prefetch precision/recall and waste, and each predictor's precision/recall."""
+        """The streaming tier's figures (README: "What --stats reports" defines each): acquires
+        that found the expert ready, found its read in flight, or missed, overall and per layer;
+        bytes read (per token too) and read speed; stalls and cold-read latency; read-ahead
+        precision, recall and waste; each predictor's precision and recall."""
         c, s = self.cache.stats, self.stats
         lat = np.array(s.cold_read_ms) if s.cold_read_ms else np.zeros(1)
-        layers = sorted(set(c.hits_by_layer) | set(c.misses_by_layer))
+        layers = sorted(set(c.hits_by_layer) | set(c.pending_by_layer) | set(c.misses_by_layer))
         slot = self.arena.slot_size
         reads = s.demand_reads + s.prefetch_reads
         return {
             "backend": self.backend,
             "slots": self.cache.n_slots,
             "slot_bytes": slot,
-            "hits": c.hits,  # found ready
-            "pending_hits": c.pending_hits,  # found loading (read ahead): a shorter wait
+            "steps": s.steps,
+            "tokens": s.tokens,
+            "acquires": c.acquires,
+            "hits": c.hits,
+            "inflight_hits": c.pending_hits,
             "misses": c.misses,
-            "hit_rate": c.hit_rate,  # (hits + pending hits) / acquires
+            "hit_rate": c.hit_rate,
+            "inflight_hit_rate": c.pending_rate,
+            "miss_rate": c.misses / c.acquires if c.acquires else 0.0,
+            "inflight_wait_s": s.inflight_wait_s,
             "per_layer": {
                 layer: {
                     "hits": c.hits_by_layer.get(layer, 0),
+                    "inflight_hits": c.pending_by_layer.get(layer, 0),
                     "misses": c.misses_by_layer.get(layer, 0),
                 }
                 for layer in layers
             },
+            "demand_reads": s.demand_reads,
+            "prefetch_reads": s.prefetch_reads,
             "bytes_read": s.bytes_read,
+            "bytes_per_token": s.bytes_read / s.tokens if s.tokens else 0.0,
             "read_gbps": s.bytes_read / s.read_busy_s / 1e9 if s.read_busy_s else 0.0,
+            "read_busy_s": s.read_busy_s,
             "stall_s": s.stall_s,
             "cold_read_ms_p50": float(np.percentile(lat, 50)),
             "cold_read_ms_p99": float(np.percentile(lat, 99)),
             "prefetches": c.prefetches,
+            "prefetch_used": c.prefetch_used,
             "prefetch_precision": c.prefetch_used / c.prefetches if c.prefetches else 0.0,
             "prefetch_recall": c.prefetch_used / max(c.prefetch_used + c.misses, 1),
             "prefetch_wasted_bytes": c.prefetch_wasted * s.bytes_read // max(reads, 1),

@@ -367,3 +367,21 @@ def test_full_cache_of_leases_refuses():
     cache.acquire((0, 1))
     with pytest.raises(CacheFullError):
         cache.acquire((0, 2))
+
+
+def test_a_read_in_flight_is_not_a_hit():
+    """An acquire that finds the expert's read still in flight waits for it: it counts as an
+    in-flight hit, apart from ready hits, and not in the hit rate."""
+    cache = ExpertCache(4, pin_budget=0, n_layers=2)
+    slot = cache.prefetch((1, 0), 0.9)
+    assert slot is not None
+    status, _ = cache.acquire((1, 0))  # read-ahead issued, not complete
+    assert status is Status.PENDING
+    cache.complete((1, 0))
+    cache.release((1, 0))
+    run(cache, [(0, 0)])  # a miss
+    run(cache, [(1, 0)])  # a ready hit
+    s = cache.stats
+    assert (s.hits, s.pending_hits, s.misses, s.acquires) == (1, 1, 1, 3)
+    assert s.hit_rate == pytest.approx(1 / 3) and s.pending_rate == pytest.approx(1 / 3)
+    assert s.pending_by_layer == {1: 1} and s.hits_by_layer == {1: 1}
