@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from mer.cache.streamer import ExpertStreamer
-from mer.errors import ModelFormatError
+from mer.errors import ModelFormatError, ParamError
 from mer.kernels.matmul import set_num_threads
 from mer.models.args import ModelArgs
-from mer.models.transformer import KVCache, Transformer
+from mer.models.transformer import ContextFullError, KVCache, NonFiniteError, Transformer
 from mer.models.weights import ModelWeights
 from mer.sampling import Sampler, SamplingParams
 from mer.tokenizer import Tokenizer
@@ -54,6 +54,29 @@ class Model:
     def new_cache(self) -> KVCache:
         return KVCache(self.args)
 
+    def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = True) -> np.ndarray:
+        """Transformer.forward, with corrupt weights reported as the file they came from."""
+        try:
+            return self.transformer.forward(tokens, cache, all_logits)
+        except NonFiniteError as err:
+            file = self._file_of(err.part)
+            raise ModelFormatError(f"{err}: the weights in {file} are corrupt") from None
+
+    def _file_of(self, part: str) -> Path:
+        from mer.store import format as fmt
+
+        if fmt.is_store(self.source):
+            return self.source / (fmt.EXPERTS_FILE if part == "experts" else fmt.DENSE_FILE)
+        return self.source
+
+    def warm_up(self) -> None:
+        """Compile (or load from numba's cache) every kernel this model runs, on tiny inputs, so
+        that the first tokens do not pay for it."""
+        from mer.kernels.warm import warm_up
+
+        experts = None if self.streamer is None else self.streamer.sample_experts()
+        warm_up(self.args, self.weights, experts)
+
     def logits(self, token_ids: Sequence[int], chunk_size: int | None = None) -> np.ndarray:
         """float32 [len(token_ids), vocab]: next-token logits at every position of a fresh sequence.
 
@@ -65,9 +88,7 @@ class Model:
             raise ValueError("logits: token_ids must be a non-empty sequence of ints")
         cache = self.new_cache()
         step = len(ids) if chunk_size is None else chunk_size
-        parts = [
-            self.transformer.forward(ids[i : i + step], cache) for i in range(0, len(ids), step)
-        ]
+        parts = [self.forward(ids[i : i + step], cache) for i in range(0, len(ids), step)]
         return np.concatenate(parts, axis=0)
 
     def generate(
@@ -76,27 +97,66 @@ class Model:
         params: SamplingParams | None = None,
         max_tokens: int = 256,
         stop_ids: frozenset[int] | None = None,
-    ) -> Iterator[int]:
-        """Yield sampled ids until a stop id (not yielded), max_tokens, or the context ends."""
+    ) -> Generation:
+        """The sampled ids, as an iterable `Generation` that ends at a stop id (not yielded),
+        after max_tokens, or when the context is full; its `finish_reason` says which."""
         if not prompt_ids:
             raise ValueError("generate: the prompt is empty")
-        if max_tokens <= 0:
-            return
-        sampler = Sampler(params or SamplingParams())
+        if max_tokens < 0:
+            raise ParamError("max_tokens", f"must be zero or more, got {max_tokens}")
+        if len(prompt_ids) >= self.args.max_seq_len:
+            raise ContextFullError(
+                f"the prompt has {len(prompt_ids)} tokens: the context of "
+                f"{self.args.max_seq_len} tokens leaves no room to generate"
+            )
         if stop_ids is None:
             stop_ids = self.tokenizer.eos_token_ids if self.tokenizer else frozenset()
-        history = list(prompt_ids)
-        cache = self.new_cache()
-        logits = self.transformer.forward(np.asarray(history), cache, all_logits=False)[0]
-        for i in range(max_tokens):
-            token = sampler.sample(logits, history)
-            if token in stop_ids:
+        return Generation(
+            self, list(prompt_ids), Sampler(params or SamplingParams()), max_tokens, stop_ids
+        )
+
+
+class Generation:
+    """The tokens of one generation, produced as it is iterated (once).
+
+    finish_reason, once iteration ends: "stop" (a stop id came), "length" (max_tokens were
+    generated) or "context" (prompt and generated tokens fill the context)."""
+
+    def __init__(
+        self, model: Model, history: list[int], sampler: Sampler, max_tokens: int, stop_ids
+    ) -> None:
+        self.model, self.history, self.sampler = model, history, sampler
+        self.max_tokens, self.stop_ids = max_tokens, stop_ids
+        self.finish_reason: str | None = None
+        self._started = False
+
+    def __iter__(self) -> Iterator[int]:
+        if self._started:
+            raise RuntimeError("a Generation can be iterated only once")
+        self._started = True
+        return self._tokens()
+
+    def _tokens(self) -> Iterator[int]:
+        model, history = self.model, self.history
+        if self.max_tokens == 0:
+            self.finish_reason = "length"
+            return
+        cache = model.new_cache()
+        logits = model.forward(np.asarray(history), cache, all_logits=False)[0]
+        for i in range(self.max_tokens):
+            token = self.sampler.sample(logits, history)
+            if token in self.stop_ids:
+                self.finish_reason = "stop"
                 return
             yield token
             history.append(token)
-            if i + 1 == max_tokens or cache.length >= self.args.max_seq_len:
+            if i + 1 == self.max_tokens:
+                self.finish_reason = "length"
                 return
-            logits = self.transformer.forward(np.asarray([token]), cache, all_logits=False)[0]
+            if len(history) >= model.args.max_seq_len:
+                self.finish_reason = "context"
+                return
+            logits = model.forward(np.asarray([token]), cache, all_logits=False)[0]
 
 
 def load_model(
@@ -152,11 +212,16 @@ def open_model_files(
     serves them through its StoreExperts) instead of holding them."""
     from mer.models.gguf import load_gguf
     from mer.models.hf import load_hf_dir
-    from mer.store.format import is_store
+    from mer.store.format import is_store, is_unfinished_store
     from mer.store.load import load_store
 
     if not source.exists():
         raise ModelFormatError(f"{source}: no such model file or directory")
+    if is_unfinished_store(source):
+        raise ModelFormatError(
+            f"{source}: an unfinished mer store (its conversion was interrupted): "
+            "run `mer convert` into it again with --force"
+        )
     if is_store(source):
         if quant is not None:
             raise ModelFormatError(

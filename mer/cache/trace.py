@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +41,39 @@ class RoutingTrace:
 
     @classmethod
     def load(cls, path: Path) -> RoutingTrace:
+        """The trace in file `path`; MerError naming the file if it is not a valid trace."""
         try:
-            data = json.loads(Path(path).read_text())
-            return cls(int(data["n_layers"]), int(data["n_experts"]), data["steps"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise MerError(f"{path}: not a routing trace ({err})") from None
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise MerError(f"{path}: not a routing trace (not UTF-8 text)") from None
+        except ValueError as err:
+            raise MerError(f"{path}: not a routing trace (invalid JSON: {err})") from None
+        problem = _trace_problem(data)
+        if problem:
+            raise MerError(f"{path}: not a routing trace ({problem})")
+        return cls(data["n_layers"], data["n_experts"], data["steps"])
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _trace_problem(data: object) -> str | None:
+    """What makes `data` (parsed JSON) not a trace, or None."""
+    if not isinstance(data, dict):
+        return "expected a JSON object"
+    layers, experts, steps = data.get("n_layers"), data.get("n_experts"), data.get("steps")
+    if not (_is_int(layers) and layers > 0 and _is_int(experts) and experts > 0):
+        return "n_layers and n_experts must be positive integers"
+    if not isinstance(steps, list):
+        return "steps must be a list"
+    for i, step in enumerate(steps):
+        if not isinstance(step, list) or len(step) > layers:
+            return f"step {i} must list at most {layers} layers"
+        for used in step:
+            if not isinstance(used, list) or not all(_is_int(e) and 0 <= e < experts for e in used):
+                return f"step {i} must list expert ids in 0..{experts - 1} per layer"
+    return None
 
 
 def simulate_lru(accesses: list[ExpertKey], capacity: int) -> float:
@@ -115,7 +144,13 @@ def simulate_mer(accesses: list[ExpertKey], capacity: int, pin_fraction: float =
 
 
 def capacity_slots(spec: float, n_layers: int, n_experts: int) -> int:
-    """A capacity given as a fraction of all experts (<= 1) or as a slot count."""
+    """A capacity given as a fraction of all experts (in (0, 1]) or as a whole number of
+    slots; MerError for anything else (zero, negative, not finite, 1.5)."""
+    if not math.isfinite(spec) or spec <= 0 or (spec > 1 and spec != int(spec)):
+        raise MerError(
+            f"--capacity {spec:g}: give a fraction of all experts in (0, 1] or a whole "
+            "number of slots"
+        )
     total = n_layers * n_experts
     slots = round(spec * total) if spec <= 1 else int(spec)
     return max(1, min(total, slots))

