@@ -129,7 +129,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frequency-penalty", type=_finite, default=0.0, help="0 = off")
     p.add_argument("--seed", type=_whole(0), default=None, help="same seed, same text")
     p.add_argument("--quant", choices=["q8_0", "q4_0"], help="quantize expert weights on load")
-    p.add_argument("--threads", type=_whole(1), help="kernel threads (default: all cores)")
+    p.add_argument(
+        "--threads",
+        type=_whole(1),
+        help="most kernel threads (default: all cores); each product gets one or all of them, "
+        "whichever measures faster, so a busy machine slows mer down gracefully",
+    )
     p.add_argument("--max-seq-len", type=_whole(1), help="cap the context length (tokens)")
     p.add_argument(
         "--json",

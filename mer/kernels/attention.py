@@ -9,41 +9,52 @@ W being the sliding window (None = unbounded), as transformers masks it.
 from __future__ import annotations
 
 import math
+import time
 
+import numba
 import numpy as np
 from numba import njit, prange
+
+from .matmul import _PAR_MIN_WORK, get_num_threads, thread_policy
+
+
+@njit(nogil=True, fastmath=True, error_model="numpy", inline="always")
+def _job(q, k_cache, v_cache, p0, window, scale, out, job):  # pragma: no cover - compiled
+    # One query token and head: causal softmax over its keys, then the weighted values.
+    h, hd = q.shape[1], q.shape[2]
+    group = h // k_cache.shape[1]
+    t = job // h
+    j = job % h
+    kv = j // group
+    p = p0 + t
+    lo = 0 if window <= 0 else max(0, p - window + 1)
+    scores = np.empty(p + 1 - lo, np.float32)
+    mx = np.float32(-np.inf)
+    for s in range(lo, p + 1):
+        acc = np.float32(0.0)
+        for i in range(hd):
+            acc += q[t, j, i] * k_cache[s, kv, i]
+        acc *= scale
+        scores[s - lo] = acc
+        mx = max(mx, acc)
+    total = np.float32(0.0)
+    for s in range(scores.shape[0]):
+        scores[s] = np.exp(scores[s] - mx)
+        total += scores[s]
+    for i in range(hd):
+        out[t, j, i] = 0.0
+    for s in range(lo, p + 1):
+        w = scores[s - lo] / total
+        for i in range(hd):
+            out[t, j, i] += w * v_cache[s, kv, i]
 
 
 @njit(cache=True, nogil=True, fastmath=True, parallel=True, error_model="numpy")
 def _attention(q, k_cache, v_cache, p0, window, scale, out):  # pragma: no cover - compiled
-    n, h, hd = q.shape
-    g = k_cache.shape[1]
-    group = h // g
-    for job in prange(n * h):
-        t = job // h
-        j = job % h
-        kv = j // group
-        p = p0 + t
-        lo = 0 if window <= 0 else max(0, p - window + 1)
-        scores = np.empty(p + 1 - lo, np.float32)
-        mx = np.float32(-np.inf)
-        for s in range(lo, p + 1):
-            acc = np.float32(0.0)
-            for i in range(hd):
-                acc += q[t, j, i] * k_cache[s, kv, i]
-            acc *= scale
-            scores[s - lo] = acc
-            mx = max(mx, acc)
-        total = np.float32(0.0)
-        for s in range(scores.shape[0]):
-            scores[s] = np.exp(scores[s] - mx)
-            total += scores[s]
-        for i in range(hd):
-            out[t, j, i] = 0.0
-        for s in range(lo, p + 1):
-            w = scores[s - lo] / total
-            for i in range(hd):
-                out[t, j, i] += w * v_cache[s, kv, i]
+    # One kernel for any thread count (numba's setting, 1 included: a region of one thread
+    # costs ~1 us): a serial copy compiles to different vector code, hence other bits.
+    for job in prange(q.shape[0] * q.shape[1]):
+        _job(q, k_cache, v_cache, p0, window, scale, out, job)
 
 
 def attention(
@@ -61,16 +72,28 @@ def attention(
     if p0 + n > k_cache.shape[0]:
         raise ValueError("attention: positions run past the cache capacity")
     out = np.empty_like(q)
-    _attention(
-        np.ascontiguousarray(q),
-        k_cache,
-        v_cache,
-        p0,
-        window or 0,
-        np.float32(1.0 / math.sqrt(hd)),
-        out,
-    )
+    args = (np.ascontiguousarray(q), k_cache, v_cache, p0, window or 0)
+    scale = np.float32(1.0 / math.sqrt(hd))
+    keys = (p0 + n) if not window else min(p0 + n, window)  # keys each query sees, at most
+    work = n * h * keys * hd
+    # Jobs are whole (token, head) pairs: any thread count gives the same bits.
+    if get_num_threads() == 1 or work < _PAR_MIN_WORK:
+        _on_threads(1)
+        _attention(*args, scale, out)
+        return out
+    policy = thread_policy()
+    key = ("attention", h, n.bit_length(), keys.bit_length())
+    nt = policy.choose(key)
+    _on_threads(nt)
+    start = time.perf_counter()
+    _attention(*args, scale, out)
+    policy.record(key, nt, work, time.perf_counter() - start)
     return out
+
+
+def _on_threads(nt: int) -> None:
+    if numba.get_num_threads() != nt:
+        numba.set_num_threads(nt)  # numba's setting is per calling thread
 
 
 def attention_reference(

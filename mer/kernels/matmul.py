@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from . import mm_f32, mm_gguf, mm_half, mm_q4_0, mm_q8_0
 from .quantize import quantize_blocks
+from .threads import ThreadPolicy
 
 _KINDS: dict[str, ModuleType] = {
     m.KIND: m for m in (mm_f32, mm_half.F16, mm_half.BF16, mm_q8_0, mm_q4_0, *mm_gguf.KINDS)
@@ -26,6 +28,7 @@ _KINDS: dict[str, ModuleType] = {
 _FLOAT_DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
 _QUANT_KINDS = ("q8_0", "q4_0")
 _threads = numba.config.NUMBA_NUM_THREADS  # all cores until set_num_threads
+_policy = ThreadPolicy(_threads)  # how many of them each call gets
 _PAR_MIN_WORK = 1 << 18
 
 
@@ -194,11 +197,20 @@ def run_kernel(
     if c1 <= c0:
         out[:, r0 - ooff : r1 - ooff] = 0.0
         return
+    kernel = _KINDS[w.kind]
+    n = x.shape[0]
+    work = (r1 - r0) * (c1 - c0) * n
     # Below ~2^18 multiply-adds a parallel launch costs more than it saves.
-    nt = _threads if (r1 - r0) * (c1 - c0) * x.shape[0] >= _PAR_MIN_WORK else 1
+    if _threads == 1 or work < _PAR_MIN_WORK:
+        kernel.run(w.planes, x, out, r0, r1, c0, c1, xoff, ooff, 1)
+        return
+    key = (w.kind, r1 - r0, c1 - c0, n.bit_length())
+    nt = _policy.choose(key)
     if nt > 1 and numba.get_num_threads() != nt:
         numba.set_num_threads(nt)  # numba's setting is per calling thread
-    _KINDS[w.kind].run(w.planes, x, out, r0, r1, c0, c1, xoff, ooff, nt)
+    start = time.perf_counter()
+    kernel.run(w.planes, x, out, r0, r1, c0, c1, xoff, ooff, nt)
+    _policy.record(key, nt, work, time.perf_counter() - start)
 
 
 def matmul(
@@ -224,16 +236,23 @@ def matmul(
     return out
 
 
-def set_num_threads(n: int) -> None:
-    """Threads used by one matmul call (numba prange over row chunks)."""
+def set_num_threads(n: int, adaptive: bool = True) -> None:
+    """Threads a kernel call may use (numba prange over row chunks): with `adaptive`, each
+    call gets 1 or up to n, whichever measures faster (mer.kernels.threads), else always n."""
     limit = numba.config.NUMBA_NUM_THREADS
     if not 1 <= int(n) <= limit:
         raise ValueError(f"set_num_threads: n must be in [1, {limit}], got {n}")
-    global _threads
+    global _threads, _policy
     _threads = int(n)
+    _policy = ThreadPolicy(_threads, adaptive=adaptive)
     numba.set_num_threads(_threads)
 
 
 def get_num_threads() -> int:
-    """Threads matmul currently uses."""
+    """The most threads a kernel call uses."""
     return _threads
+
+
+def thread_policy() -> ThreadPolicy:
+    """The policy that gives kernel calls their thread counts."""
+    return _policy

@@ -96,6 +96,35 @@ def test_attention(n, p0, h, g, hd, window):
     np.testing.assert_allclose(got, attention_reference(q, k, v, p0, window), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [0, 7])
+def test_attention_bits_do_not_depend_on_threads(window):
+    """The thread policy may run attention on one thread or all: the bits must not change."""
+    import math
+
+    import numba
+
+    from mer.kernels.attention import _attention
+
+    q, k, v = randn(12, 8, 32), randn(40, 2, 32), randn(40, 2, 32)
+    scale = np.float32(1 / math.sqrt(32))
+    outs = []
+    for nt in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+        numba.set_num_threads(nt)
+        outs.append(np.empty_like(q))
+        _attention(q, k, v, 20, window, scale, outs[-1])
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    for out in outs[1:]:
+        np.testing.assert_array_equal(outs[0], out)
+
+
+def test_router_survives_nan_scores():
+    """Corrupt weights give NaN scores: the router still names valid, distinct experts (the
+    NaN flows on to the logits check) instead of an id of -1."""
+    idx, _ = route(np.full((3, 8), np.nan, np.float32), 2)
+    assert ((idx >= 0) & (idx < 8)).all()
+    assert (idx[:, 0] != idx[:, 1]).all()
+
+
 def test_attention_rejects_overflow():
     with pytest.raises(ValueError, match="capacity"):
         attention(randn(4, 2, 8), randn(4, 1, 8), randn(4, 1, 8), 2)
