@@ -16,6 +16,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from mer.cache.expert_cache import CacheFullError, ExpertCache, ExpertKey, Status
 from mer.errors import MerError
 
@@ -27,10 +29,14 @@ class RoutingTrace:
     steps: list[list[list[int]]] = field(default_factory=list)  # [step][layer] -> expert ids
 
     def record(self, layer: int, experts: list[int]) -> None:
-        """Called by the model for layer 0..L-1 of each step, in order."""
+        """The experts layer `layer` used in this step; layers 0..L-1 of each step in order."""
         if layer == 0:
             self.steps.append([])
         self.steps[-1].append(sorted(int(e) for e in experts))
+
+    def observe(self, layer: int, chosen) -> None:
+        """A Transformer routing observer: each expert the step's tokens chose, once."""
+        self.record(layer, sorted({int(e) for e in chosen.reshape(-1)}))
 
     def accesses(self) -> list[ExpertKey]:
         return [(layer, e) for step in self.steps for layer, es in enumerate(step) for e in es]
@@ -154,3 +160,47 @@ def capacity_slots(spec: float, n_layers: int, n_experts: int) -> int:
     total = n_layers * n_experts
     slots = round(spec * total) if spec <= 1 else int(spec)
     return max(1, min(total, slots))
+
+
+class RoutingStats:
+    """A Transformer routing observer that counts, per layer, how often each expert is chosen
+    and how often a token's first choice is the previous token's (tokens in the order the
+    model saw them)."""
+
+    def __init__(self, n_layers: int, n_experts: int) -> None:
+        self.counts = np.zeros((n_layers, n_experts), np.int64)  # choices, all K per token
+        self.tokens = np.zeros(n_layers, np.int64)
+        self.repeats = np.zeros(n_layers, np.int64)  # first choice equal to the previous one
+        self.pairs = np.zeros(n_layers, np.int64)
+        self._last: dict[int, int] = {}  # layer -> the last token's first choice
+
+    def observe(self, layer: int, chosen: np.ndarray) -> None:
+        self.counts[layer] += np.bincount(chosen.reshape(-1), minlength=self.counts.shape[1])
+        self.tokens[layer] += chosen.shape[0]
+        first = chosen[:, 0]
+        if layer in self._last:
+            first = np.concatenate([[self._last[layer]], first])
+        self.repeats[layer] += int((first[1:] == first[:-1]).sum())
+        self.pairs[layer] += len(first) - 1
+        self._last[layer] = int(first[-1])
+
+    def shares(self) -> np.ndarray:
+        """float [L, E]: the share of tokens that chose each expert (rows sum to K)."""
+        return self.counts / np.maximum(self.tokens, 1)[:, None]
+
+    def repeat_rate(self) -> float:
+        """How often consecutive tokens share their first choice, over all layers."""
+        return float(self.repeats.sum() / max(self.pairs.sum(), 1))
+
+    def table(self) -> str:
+        """The per-layer histogram (percent of tokens choosing each expert), with each
+        layer's first-choice repeat rate."""
+        n_experts = self.counts.shape[1]
+        head = "layer " + "".join(f"{e:>5}" for e in range(n_experts)) + "  repeat"
+        lines = [head]
+        for layer, row in enumerate(self.shares()):
+            rate = self.repeats[layer] / max(self.pairs[layer], 1)
+            lines.append(
+                f"{layer:>5} " + "".join(f"{100 * v:>5.0f}" for v in row) + f"  {rate:>6.0%}"
+            )
+        return "\n".join(lines)

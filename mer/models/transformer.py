@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from mer.errors import MerError
@@ -69,7 +71,8 @@ class Transformer:
         self.args = args
         self.weights = weights
         self.inv_freq = inv_frequencies(args.rope, args.head_dim)
-        self.router_trace = None  # a RoutingTrace to record expert choices into, or None
+        # called as observer(layer, chosen) with each MoE layer's expert ids int64 [n, A]
+        self.routing_observer: Callable[[int, np.ndarray], None] | None = None
         self.streamer = None  # an ExpertStreamer when experts are streamed from disk, or None
 
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = True) -> np.ndarray:
@@ -138,8 +141,8 @@ class Transformer:
             _check(check, scores, f"the router of layer {index}", "router")
             chosen, weights = route(scores, self.args.n_experts_per_tok)  # [n, A]
         ids = np.unique(chosen).tolist()
-        if self.router_trace is not None and layer.router is not None:
-            self.router_trace.record(index, ids)
+        if self.routing_observer is not None and layer.router is not None:
+            self.routing_observer(index, chosen)
         outputs: dict[int, np.ndarray] = {}
 
         def compute(e: int, expert: ExpertWeights) -> None:

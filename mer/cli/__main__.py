@@ -1,0 +1,7 @@
+"""`python -m mer.cli`."""
+
+import sys
+
+from mer.cli import main
+
+sys.exit(main())

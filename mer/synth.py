@@ -1,0 +1,429 @@
+"""`mer synth`: a synthetic Mixture-of-Experts model of any Mixtral-family shape, as a GGUF
+file that llama.cpp loads, with the bundled model's real vocabulary.
+
+# L = layers, E = experts, K = experts per token, D = hidden, F = expert FFN, H = query
+# heads, G = KV heads, hd = D / H, V = vocabulary
+
+Weights are random: each matrix's entries have standard deviation gain / sqrt(fan-in).
+Quantized tensors are random block bytes whose scales set that deviation, each block's scale
+with a random sign so that the block formats' uneven value ranges (Q4_0: -8..7) add no bias;
+tensors that need exact values are made as floats and quantized with llama.cpp's rounding.
+Tensors are made and written one at a time, so memory stays near the largest tensor (one
+layer's stacked experts) and tens of GB take minutes.
+
+The residual stream. One hidden coordinate, the *channel* (index 0), holds a constant A =
+16 sqrt(D) in every token's embedding, and no sublayer writes to it (those rows of the
+attention output and of every expert's down projection are zero). It dominates the RMS of
+the hidden state (A^2 / D = 256 against the rest's variance of 1 to 3), so RMSNorm divides
+by a near-constant 16 and the norm weights (16, and 8 / sqrt(D) on the channel) make it a
+fixed linear map: every sublayer sees the hidden state itself, the channel reads as 8, and
+the gains below set each layer's contribution. The rest of the stream starts at variance 1
+and ends near 2 + 2t after any number of layers: nothing explodes or vanishes.
+
+Routing. Real routers are not uniform: some experts are more popular per layer, and
+consecutive tokens tend to reuse experts (Mixtral's paper: the same first choice 14-28% of
+the time against 12.5% at random). Routers have no bias in this format, so the channel
+carries two knobs:
+
+- `skew` s: router row e of layer l reads the channel with weight s z[l, e] / 8, z ~ N(0, 1)
+  drawn per layer: a logit bias of s z[l, e] against logits of standard deviation 1, so each
+  layer has its own popular experts. s = 0 gives every expert the same popularity.
+- `stickiness` t in [0, 1): attention queries and keys read the channel, so every head scores
+  keys by distance alone (through RoPE: a sum of cosines over the rotary frequencies, which
+  falls off about as ln distance; weights ~ (distance + 1)^-RECENCY), plus a little content
+  noise. Attention then passes a recency-weighted mean of recent tokens' values, a part of
+  the hidden state shared by neighbouring tokens. Layer 0's attention makes that part a share
+  t of the stream's variance (the embeddings the other 1 - t); later layers each add 1 / L of
+  attention and of expert output. Neighbouring tokens route alike more often as t grows;
+  t = 0 routes each token on its own embedding.
+
+`mer synth` prints, after writing, the per-layer expert histogram and how often consecutive
+tokens share their first choice, measured by running the model on a fixed text; docs/design.md
+lists what the knobs give.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+
+from mer.errors import MerError
+from mer.kernels.quantize import quantize_blocks
+
+CHANNEL = 0  # the hidden coordinate that carries the constant (see the module docstring)
+CHANNEL_RMS = 16.0  # A / sqrt(D): what RMSNorm divides by
+CHANNEL_READ = 8.0  # the channel as every sublayer reads it
+RECENCY = 1.0  # attention weight ~ (distance + 1)^-RECENCY
+ROUTER_STD = 1.0  # standard deviation of router logits (before the skew's bias)
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int = 32
+    experts: int = 8
+    top_k: int = 2
+    dim: int = 4096
+    ffn: int = 14336
+    heads: int = 32
+    kv_heads: int = 8
+    context: int = 4096
+    rope_theta: float = 1e6
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "experts", "top_k", "dim", "ffn", "heads", "kv_heads", "context"):
+            if getattr(self, name) < 1:
+                raise MerError(f"--{name.replace('_', '-')} must be at least 1")
+        if not self.top_k <= self.experts:
+            raise MerError("--top-k must not exceed --experts")
+        if self.dim % self.heads or self.heads % self.kv_heads or (self.dim // self.heads) % 2:
+            raise MerError("--dim must split into --heads even-sized heads, in whole KV groups")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+
+SHAPES = {
+    "mixtral-8x7b": Shape(),
+    "mixtral-4l": Shape(layers=4),  # four layers at Mixtral-8x7B's width: ~3-6 GB
+    "small": Shape(layers=8, experts=8, dim=512, ffn=1024, heads=8, kv_heads=2, context=2048),
+    "tiny": Shape(layers=2, experts=4, dim=256, ffn=512, heads=4, kv_heads=2, context=512),
+}
+
+# Block type per tensor class for each quantization.
+QUANTS: dict[str, dict[str, Q]] = {
+    "q4_0": {"experts": Q.Q4_0, "down": Q.Q4_0, "qk": Q.Q4_0, "v": Q.Q4_0, "o": Q.Q4_0,
+             "embed": Q.Q4_0, "output": Q.Q6_K},
+    "q8_0": {"experts": Q.Q8_0, "down": Q.Q8_0, "qk": Q.Q8_0, "v": Q.Q8_0, "o": Q.Q8_0,
+             "embed": Q.Q8_0, "output": Q.Q8_0},
+    # Q4_K_M-style: K-quants where nothing needs exact values; Q8_0 where structure does
+    "q4_k_m": {"experts": Q.Q4_K, "down": Q.Q6_K, "qk": Q.Q8_0, "v": Q.Q8_0, "o": Q.Q4_K,
+               "embed": Q.Q8_0, "output": Q.Q6_K},
+}  # fmt: skip
+_FLOAT_QUANTS = {Q.Q4_0: "q4_0", Q.Q8_0: "q8_0"}  # kinds mer quantizes from floats
+
+
+@dataclass(frozen=True)
+class Knobs:
+    skew: float = 0.6
+    stickiness: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.skew) or self.skew < 0:
+            raise MerError("--skew must be a finite number >= 0")
+        if not 0 <= self.stickiness < 1:
+            raise MerError("--stickiness must be in [0, 1)")
+
+
+# -- random blocks -------------------------------------------------------------------------
+# Byte layouts (ggml-common.h): where each block keeps its f16 scale(s).
+_SCALES = {Q.Q4_0: (0,), Q.Q8_0: (0,), Q.Q4_K: (0, 2), Q.Q6_K: (208,)}
+
+
+def _block_bytes(qtype: Q) -> tuple[int, int]:
+    size, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    return size, nbytes
+
+
+@functools.cache
+def _unit_std(qtype: Q) -> float:
+    """Standard deviation of the values of random blocks whose scale is 1 (Q4_K: with the
+    mins' scale 7.5 times the scale, which centres them)."""
+    rng = np.random.default_rng(12345)
+    blocks = _random_blocks(qtype, 64, _block_bytes(qtype)[0] * 8, 1.0, rng, unit=True)
+    values = gguf.quants.dequantize(blocks, qtype)
+    return float(values.std())
+
+
+def _random_blocks(
+    qtype: Q,
+    rows: int,
+    cols: int,
+    std: float,
+    rng: np.random.Generator,
+    zero_rows: tuple[int, ...] = (),
+    unit: bool = False,
+) -> np.ndarray:
+    """uint8 [rows, cols / block * block bytes]: random blocks whose values have standard
+    deviation `std`, each block's scale of random sign; rows in `zero_rows` are all zero."""
+    size, nbytes = _block_bytes(qtype)
+    n_blocks = rows * (cols // size)
+    raw = np.frombuffer(rng.bytes(n_blocks * nbytes), np.uint8).reshape(n_blocks, nbytes).copy()
+    scale = 1.0 if unit else std / _unit_std(qtype)
+    signs = np.where(rng.integers(0, 2, n_blocks, dtype=np.uint8) == 1, -1.0, 1.0)
+    d = (scale * signs).astype(np.float16).reshape(rows, -1)
+    if zero_rows:
+        d[list(zero_rows)] = 0
+    d = d.reshape(-1)
+    offsets = _SCALES[qtype]
+    raw[:, offsets[0] : offsets[0] + 2] = d.view(np.uint8).reshape(-1, 2)
+    if qtype == Q.Q4_K:  # dmin = 7.5 d: the mins cancel the nibbles' mean
+        dmin = (d.astype(np.float32) * 7.5).astype(np.float16)
+        raw[:, offsets[1] : offsets[1] + 2] = dmin.view(np.uint8).reshape(-1, 2)
+    return raw.reshape(rows, -1)
+
+
+def _quantized(values: np.ndarray, qtype: Q) -> np.ndarray:
+    """float32 [rows, cols] -> GGUF blocks of `qtype` (Q4_0 or Q8_0), rows in chunks."""
+    kind = _FLOAT_QUANTS[qtype]
+    rows = values.shape[0]
+    step = max(1, (1 << 22) // values.shape[1])
+    return np.concatenate(
+        [quantize_blocks(values[i : i + step], kind) for i in range(0, rows, step)], axis=0
+    )
+
+
+# -- the model's tensors ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Tensor:
+    name: str
+    shape: tuple[int, ...]  # row-major (numpy order), element counts
+    qtype: Q
+    make: Callable[[], np.ndarray]  # the raw data: float32 for F32, uint8 blocks otherwise
+
+    @property
+    def nbytes(self) -> int:
+        if self.qtype == Q.F32:
+            return 4 * math.prod(self.shape)
+        size, nbytes = _block_bytes(self.qtype)
+        return math.prod(self.shape[:-1]) * (self.shape[-1] // size) * nbytes
+
+
+def _recency_weights(shape: Shape, a: float, length: int = 512) -> np.ndarray:
+    """Attention weights over distances 0..length-1 when queries and keys are (a, 0) in every
+    rotated pair: softmax of a^2 * sum_i cos(theta_i * distance) / sqrt(hd)."""
+    hd = shape.head_dim
+    theta = shape.rope_theta ** (-np.arange(0, hd, 2) / hd)
+    scores = a * a * np.cos(np.outer(np.arange(length), theta)).sum(1) / math.sqrt(hd)
+    w = np.exp(scores - scores.max())
+    return w / w.sum()
+
+
+def _qk_amplitude(shape: Shape) -> float:
+    """a such that attention weights fall off as (distance + 1)^-RECENCY (module docstring):
+    sum_i cos(theta_i x) ~ (hd / 2)(1 - ln x / ln base) for rotary base `base`."""
+    return math.sqrt(RECENCY * math.sqrt(shape.head_dim) * math.log(shape.rope_theta)
+                     / (shape.head_dim / 2))  # fmt: skip
+
+
+def _tensors(shape: Shape, quant: str, knobs: Knobs, vocab: int) -> Iterator[_Tensor]:
+    types = QUANTS[quant]
+    s, k = shape, knobs
+    d, f, e, hd = s.dim, s.ffn, s.experts, s.head_dim
+    big_a = CHANNEL_RMS * math.sqrt(d)
+
+    def rng(*parts: object) -> np.random.Generator:
+        # Each tensor has its own stream: any tensor can be made alone, in any order.
+        return np.random.default_rng([k.seed, zlib.crc32(repr(parts).encode())])
+
+    a = _qk_amplitude(s)
+    mean_square = float((_recency_weights(s, a) ** 2).sum())  # of the weights: shrinks values
+
+    def attn_gain(layer: int) -> float:
+        # var(output) = gain^2 * var(values) * sum w^2, values of variance ~1
+        share = k.stickiness if layer == 0 else k.stickiness / s.layers
+        return math.sqrt(share / mean_square)
+
+    # an expert's hidden activations silu(g) * u have variance ~0.36 for unit g, u; its
+    # output joins K others with weights summing to 1 (about 1 / K of the variance each)
+    down_gain = math.sqrt(s.top_k / (0.36 * s.layers))
+
+    def embed() -> np.ndarray:
+        values = rng("embed").standard_normal((vocab, d), dtype=np.float32)
+        values *= math.sqrt(1.0 - k.stickiness)
+        values[:, CHANNEL] = big_a
+        return _quantized(values, types["embed"])
+
+    def norm() -> np.ndarray:
+        w = np.full(d, CHANNEL_RMS, np.float32)
+        w[CHANNEL] = CHANNEL_READ / CHANNEL_RMS
+        return w
+
+    yield _Tensor("token_embd.weight", (vocab, d), types["embed"], embed)
+    for layer in range(s.layers):
+        p = f"blk.{layer}."
+        yield _Tensor(p + "attn_norm.weight", (d,), Q.F32, norm)
+
+        def qk(rows: int, which: str, layer=layer) -> Callable[[], np.ndarray]:
+            def make() -> np.ndarray:
+                w = rng(layer, which).standard_normal((rows, d), dtype=np.float32)
+                w *= 0.1 / math.sqrt(d)  # content noise in the scores
+                w[0::2, CHANNEL] = a / CHANNEL_READ  # (a, 0) in every rotated pair
+                return _quantized(w, types["qk"])
+
+            return make
+
+        yield _Tensor(p + "attn_q.weight", (s.heads * hd, d), types["qk"], qk(s.heads * hd, "q"))
+        yield _Tensor(
+            p + "attn_k.weight", (s.kv_heads * hd, d), types["qk"], qk(s.kv_heads * hd, "k")
+        )
+
+        def values(layer=layer) -> np.ndarray:
+            # Content only: a value read from the channel would be the same for every token,
+            # a bias on every router instead of a part shared by neighbouring tokens.
+            w = rng(layer, "v").standard_normal((s.kv_heads * hd, d), dtype=np.float32)
+            w /= math.sqrt(d)
+            w[:, CHANNEL] = 0.0
+            return _quantized(w, types["v"])
+
+        yield _Tensor(p + "attn_v.weight", (s.kv_heads * hd, d), types["v"], values)
+        yield _Tensor(
+            p + "attn_output.weight", (d, s.heads * hd), types["o"],
+            lambda layer=layer: _random_blocks(
+                types["o"], d, s.heads * hd, attn_gain(layer) / math.sqrt(s.heads * hd),
+                rng(layer, "o"), zero_rows=(CHANNEL,),
+            ),
+        )  # fmt: skip
+        yield _Tensor(p + "ffn_norm.weight", (d,), Q.F32, norm)
+
+        def router(layer=layer) -> np.ndarray:
+            g = rng(layer, "router")
+            w = g.standard_normal((e, d), dtype=np.float32) * (ROUTER_STD / math.sqrt(d))
+            w[:, CHANNEL] = k.skew * g.standard_normal(e).astype(np.float32) / CHANNEL_READ
+            return w
+
+        yield _Tensor(p + "ffn_gate_inp.weight", (e, d), Q.F32, router)
+        for name, rows, cols, kind, gain in (
+            ("ffn_gate_exps", f, d, "experts", 1.0),
+            ("ffn_up_exps", f, d, "experts", 1.0),
+            ("ffn_down_exps", d, f, "down", down_gain),
+        ):
+            zero = (CHANNEL,) if name == "ffn_down_exps" else ()
+            yield _Tensor(
+                p + name + ".weight", (e, rows, cols), types[kind],
+                lambda layer=layer, name=name, rows=rows, cols=cols, kind=kind, gain=gain,
+                zero=zero: np.stack([
+                    _random_blocks(types[kind], rows, cols, gain / math.sqrt(cols),
+                                   rng(layer, name, x), zero_rows=zero)
+                    for x in range(e)
+                ]),
+            )  # fmt: skip
+    yield _Tensor("output_norm.weight", (d,), Q.F32, norm)
+    yield _Tensor(
+        "output.weight", (vocab, d), types["output"],
+        lambda: _random_blocks(types["output"], vocab, d, 1 / math.sqrt(d), rng("output")),
+    )  # fmt: skip
+
+
+# -- writing ---------------------------------------------------------------------------------
+_TOKENIZER_KEYS = (
+    "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
+    "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id",
+    "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token",
+    "tokenizer.ggml.add_space_prefix", "tokenizer.chat_template",
+)  # fmt: skip
+
+
+def _vocabulary(source: Path) -> tuple[dict[str, tuple], int]:
+    """The tokenizer metadata of GGUF file `source` ({key: (value, types)}) and its size."""
+    reader = gguf.GGUFReader(source)
+    fields = {k: (reader.fields[k].contents(), reader.fields[k].types) for k in _TOKENIZER_KEYS
+              if k in reader.fields}  # fmt: skip
+    return fields, len(fields["tokenizer.ggml.tokens"][0])
+
+
+def synth_size(shape: Shape, quant: str, vocabulary_from: Path) -> int:
+    """Bytes of tensor data the model will have, with the vocabulary of GGUF file
+    `vocabulary_from`."""
+    _, vocab = _vocabulary(vocabulary_from)
+    return sum(t.nbytes for t in _tensors(shape, quant, Knobs(), vocab))
+
+
+def write_gguf(
+    path: Path,
+    shape: Shape,
+    quant: str,
+    knobs: Knobs,
+    vocabulary_from: Path,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Write the model to GGUF file `path` (tensor by tensor); returns its tensor bytes.
+    `progress(n)` is called with each tensor's byte count once it is written."""
+    if quant not in QUANTS:
+        raise MerError(f"--quant {quant!r}: choose one of {', '.join(QUANTS)}")
+    vocab_fields, vocab = _vocabulary(vocabulary_from)
+    tensors = list(_tensors(shape, quant, knobs, vocab))
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_name(f"mer synth {shape.layers}x{shape.experts} {quant}")
+    writer.add_context_length(shape.context)
+    writer.add_embedding_length(shape.dim)
+    writer.add_block_count(shape.layers)
+    writer.add_feed_forward_length(shape.ffn)
+    writer.add_head_count(shape.heads)
+    writer.add_head_count_kv(shape.kv_heads)
+    writer.add_rope_freq_base(shape.rope_theta)
+    writer.add_rope_dimension_count(shape.head_dim)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_expert_count(shape.experts)
+    writer.add_expert_used_count(shape.top_k)
+    writer.add_vocab_size(vocab)
+    writer.add_uint32("mer.synth.seed", knobs.seed)
+    writer.add_float32("mer.synth.skew", knobs.skew)
+    writer.add_float32("mer.synth.stickiness", knobs.stickiness)
+    for key, (value, types) in vocab_fields.items():
+        if types[0] == gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(key, value, types[0], sub_type=types[-1])
+        else:
+            writer.add_key_value(key, value, types[0])
+    for t in tensors:
+        dtype = np.float32 if t.qtype == Q.F32 else np.uint8
+        byte_shape = (
+            t.shape if t.qtype == Q.F32 else (*t.shape[:-1], t.nbytes // math.prod(t.shape[:-1]))
+        )
+        raw = None if t.qtype == Q.F32 else t.qtype
+        writer.add_tensor_info(t.name, byte_shape, np.dtype(dtype), t.nbytes, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    total = 0
+    for t in tensors:
+        data = t.make()
+        assert data.nbytes == t.nbytes, (t.name, data.nbytes, t.nbytes)
+        writer.write_tensor_data(data)
+        total += t.nbytes
+        if progress is not None:
+            progress(t.nbytes)
+        del data
+    writer.close()
+    return total
+
+
+SAMPLE_TEXT = (
+    "The river ran quietly past the old mill, and the miller's children watched the water "
+    "turn the great wooden wheel. Every morning they counted the boats, and their mother "
+    "baked bread while their father mended nets and told stories about the sea. In the city "
+    "the trains were always late; people waited on the platform with coffee in their hands, "
+    "reading the news and checking the time. A model with many experts routes each token to a "
+    "few of them and adds their weighted outputs, so only those experts' weights must be read "
+    "for that token. def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b "
+    "= b, a + b\n    return a\nNumbers matter too: 1, 2, 3, 10, 42, 100 and 2024 appear in many "
+    "texts, together with symbols such as %, & and #. What is the weather like today? It is "
+    "sunny and warm, with a light wind from the west, and tomorrow there may be rain."
+)
+
+
+def measure_routing(model, tokens: int = 256):
+    """RoutingStats of `model` (a loaded mer Model) over a prefill of `tokens` tokens of
+    SAMPLE_TEXT (repeated as needed)."""
+    from mer.cache.trace import RoutingStats
+
+    ids = model.tokenizer.encode(SAMPLE_TEXT)
+    while len(ids) < tokens:
+        ids += model.tokenizer.encode(" " + SAMPLE_TEXT)
+    stats = RoutingStats(model.args.n_layers, model.args.n_experts)
+    model.transformer.routing_observer = stats.observe
+    try:
+        model.logits(ids[: min(tokens, model.args.max_seq_len)])
+    finally:
+        model.transformer.routing_observer = None
+    return stats
