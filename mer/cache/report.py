@@ -14,6 +14,10 @@ def _bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def _ratio(ours: float, best: float) -> str:
+    return f"we read {ours / best:.2f}x" if best else "nothing to read"
+
+
 def stats_table(st: dict) -> str:
     """Several lines: acquires per layer split into ready hits, in-flight hits and misses;
     bytes read, speed, stalls and latencies; read-ahead and predictor quality."""
@@ -37,6 +41,8 @@ def stats_table(st: dict) -> str:
         f"read {_bytes(st['bytes_read'])} ({_bytes(st['bytes_per_token'])} per token) at "
         f"{st['read_gbps']:.2f} GB/s; forward pass stalled on reads {st['stall_s']:.3f} s; "
         f"in-flight hits waited {st['inflight_wait_s']:.3f} s",
+        f"Belady's MIN, on the same routing with the same slots, would read "
+        f"{_bytes(st['belady_bytes'])} ({_ratio(st['bytes_read'], st['belady_bytes'])} of that)",
         f"cold reads: p50 {st['cold_read_ms_p50']:.2f} ms, p99 {st['cold_read_ms_p99']:.2f} ms "
         f"({st['demand_reads']} on demand)",
         f"read-ahead: {st['prefetches']} issued, precision {st['prefetch_precision']:.2f}, "

@@ -34,6 +34,7 @@ import numpy as np
 from mer.cache.expert_cache import CacheFullError, ExpertCache, ExpertKey, Status
 from mer.cache.predict import MarkovPredictor, PredictorStats, next_layer_gate
 from mer.cache.sources import ExpertSource
+from mer.cache.trace import belady_hits
 from mer.errors import MerError
 from mer.io.arena import ALIGN, Arena
 from mer.io.reader import ExpertReader, ExpertReadError, ReadRequest, ReadResult
@@ -120,6 +121,7 @@ class ExpertStreamer:
         self._hint: dict[ExpertKey, float] = {}
         self._utilisation = 0.0
         self._busy_since: float | None = None
+        self._accesses: list[ExpertKey] = []  # the routing so far, for Belady's bytes
 
     # -- the forward pass's entry points -----------------------------------------------------
     def observe(self, layer: int, ids: Iterable[int], n_tokens: int) -> None:
@@ -128,9 +130,10 @@ class ExpertStreamer:
         if layer == 0:
             self.stats.steps += 1
             self.stats.tokens += n_tokens
+        actual = {int(e) for e in ids}
+        self._accesses += [(layer, e) for e in sorted(actual)]
         if self.source.n_experts == 1:  # a dense FFN: nothing to predict
             return
-        actual = {int(e) for e in ids}
         predicted = self._gate_pred.pop(layer, None)
         if predicted is not None:
             self.stats.gate.update(predicted, actual)
@@ -332,6 +335,16 @@ class ExpertStreamer:
         return None
 
     # -- telemetry and shutdown --------------------------------------------------------------
+    def belady_bytes(self) -> int:
+        """Bytes Belady's MIN would have read for the routing so far with this cache's slots:
+        the least any policy could read without read-ahead that turns out wasted."""
+        hits = belady_hits(self._accesses, self.cache.n_slots)
+        return sum(
+            sum(seg.length for seg in self.source.segments(key))
+            for key, hit in zip(self._accesses, hits, strict=True)
+            if not hit
+        )
+
     def sample_experts(self) -> list[ExpertWeights]:
         """One expert of each block-type mix the source holds, decoded from zeroed bytes: what
         the kernels will be given, for compiling them ahead of use."""
@@ -390,6 +403,7 @@ class ExpertStreamer:
             "prefetch_precision": c.prefetch_used / c.prefetches if c.prefetches else 0.0,
             "prefetch_recall": c.prefetch_used / max(c.prefetch_used + c.misses, 1),
             "prefetch_wasted_bytes": c.prefetch_wasted * s.bytes_read // max(reads, 1),
+            "belady_bytes": self.belady_bytes(),
             "gate_precision": s.gate.precision,
             "gate_recall": s.gate.recall,
             "markov_precision": self.markov.stats.precision,

@@ -96,7 +96,9 @@ def simulate_lru(accesses: list[ExpertKey], capacity: int) -> float:
     return hits / len(accesses) if accesses else 0.0
 
 
-def simulate_belady(accesses: list[ExpertKey], capacity: int) -> float:
+def belady_hits(accesses: list[ExpertKey], capacity: int) -> list[bool]:
+    """For each access, whether Belady's MIN (evict the expert used farthest in the future)
+    finds it resident with `capacity` slots."""
     never = len(accesses)
     next_use = [never] * len(accesses)
     seen: dict[ExpertKey, int] = {}
@@ -105,11 +107,10 @@ def simulate_belady(accesses: list[ExpertKey], capacity: int) -> float:
         seen[accesses[i]] = i
     resident: dict[ExpertKey, int] = {}  # key -> its next use
     heap: list[tuple[int, ExpertKey]] = []  # (-next use, key); stale entries skipped
-    hits = 0
+    hits = []
     for i, key in enumerate(accesses):
-        if key in resident:
-            hits += 1
-        elif len(resident) >= capacity:
+        hits.append(key in resident)
+        if key not in resident and len(resident) >= capacity:
             while True:
                 neg, victim = heapq.heappop(heap)
                 if resident.get(victim) == -neg:
@@ -117,7 +118,12 @@ def simulate_belady(accesses: list[ExpertKey], capacity: int) -> float:
                     break
         resident[key] = next_use[i]
         heapq.heappush(heap, (-next_use[i], key))
-    return hits / len(accesses) if accesses else 0.0
+    return hits
+
+
+def simulate_belady(accesses: list[ExpertKey], capacity: int) -> float:
+    hits = belady_hits(accesses, capacity)
+    return sum(hits) / len(hits) if hits else 0.0
 
 
 def simulate_mer(accesses: list[ExpertKey], capacity: int, pin_fraction: float = 0.25) -> float:

@@ -30,9 +30,9 @@ def add_synth(sub: argparse._SubParsersAction) -> None:
     for name in ("layers", "experts", "top-k", "dim", "ffn", "heads", "kv-heads", "context"):
         p.add_argument(f"--{name}", type=whole(1), help=f"{name} (default: the shape's)")
     p.add_argument("--quant", choices=sorted(QUANTS), default="q4_0", help="block types")
-    p.add_argument("--skew", type=finite, default=0.6, help="expert popularity (0 = uniform)")
-    p.add_argument("--stickiness", type=finite, default=0.5,
-                   help="temporal locality in [0, 1) (0 = none)")  # fmt: skip
+    p.add_argument("--skew", type=finite, default=0.3, help="expert popularity (0 = uniform)")
+    p.add_argument("--stickiness", type=finite, default=0.3,
+                   help="temporal locality in [0, 0.95] (0 = none)")  # fmt: skip
     p.add_argument("--seed", type=whole(0), default=0, help="random seed")
     p.add_argument("--store", help="also convert the model into a mer store in this directory")
     p.add_argument("--force", action="store_true", help="replace OUT (and --store) if present")
