@@ -178,7 +178,9 @@ def record(path: str, tokens: int) -> tuple[RoutingTrace, tuple[float, float]]:
         if not model.args.is_moe:
             raise SystemExit(f"{path}: not a Mixture-of-Experts model")
         trace = RoutingTrace(model.args.n_layers, model.args.n_experts)
-        model.transformer.routing_observer = trace.observe
+        model.transformer.routing_observer = trace.recorder(
+            [layer.router for layer in model.weights.layers], model.args.n_experts_per_tok
+        )
         for i, text in enumerate(PROMPTS):
             ids = model.tokenizer.encode(text)
             params = SamplingParams(temperature=0.8, seed=i)

@@ -7,7 +7,7 @@ prompt and decodes greedily; the first 16 tokens are not timed. Beside it run L 
 processes (--loads, default 0, 1 and 2: on two cores, idle, half busy and fully busy). Trials
 alternate modes and are repeated until every (load, mode) has --trials clean ones: trials
 during which processes other than the trial and its load used at most 5% of the CPUs
-(bench/cpu_share.py; steal time counts). Prints min / median / max tokens/s and a table last.
+(mer/bench/machine.py; steal time counts). Prints min / median / max tokens/s and a table last.
 
     python bench/contention.py [--model PATH] [--tokens 200] [--loads 0 1 2] [--trials 3]
 """
@@ -20,10 +20,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_share import CPUS, Share  # noqa: E402
+from mer.bench.machine import CPUS, Share
 
 MODES = {
     "1 thread": ["--threads", "1"],

@@ -2,10 +2,10 @@
 
 `ExpertStreamer` ties together an arena of slots (`mer.io.arena`), the cache policy
 (`ExpertCache`), one reader per source file (`ExpertReader`: io_uring, preadv or buffered)
-and the predictors. For each MoE layer the forward pass calls `run(layer, ids, fn, needs)`:
+and the predictors. For each MoE layer the forward pass calls `run(layer, ids, fn, ahead)`:
 
 1. every chosen expert is leased; misses are read at once, many reads in flight;
-2. read-ahead for the next layer is admitted from `needs` (the predictors' probabilities);
+2. read-ahead for the next layer is admitted from `ahead` (`predict_next`'s candidates);
 3. experts are computed as they become ready (hits first, then reads in completion order)
    and released; when the cache is too small for all of a layer's experts at once, computed
    experts make room for the rest.
@@ -13,11 +13,13 @@ and the predictors. For each MoE layer the forward pass calls `run(layer, ids, f
 Whatever the order of computation, the caller sums expert outputs in a fixed order, so a
 streamed model gives bit-identical logits to one with every expert resident.
 
-Prefetch admission: a read-ahead of an expert needed with probability p saves a demand stall
-of about one read time t when right, and when wrong it costs the read time it takes from demand
-reads, t·u, where u is the share of recent time demand reads kept the disk busy. It is issued
-when p·t > (1 − p)·t·u, i.e. p > u / (1 + u), and when the cache admits it (never evicting a
-leased, pinned, loading or higher-scoring expert).
+Read-ahead admission (`mer.cache.readahead`): a candidate is read ahead when its read pays for
+itself in the disk's idle window (p > 1 - W / t, W the window left: the measured CPU time of
+a layer, t its read time at the measured read speed; and p > 1/2), when its expected waste
+fits the waste budget (5% of the reads issued), and when the cache admits it (never evicting
+a leased, pinned, loading or higher-scoring expert). Candidates are the
+gate lookahead's predictions with their measured precision by rank; after the last layer,
+the Markov chain's for the next step's first layer.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mer.cache.expert_cache import CacheFullError, ExpertCache, ExpertKey, Status
-from mer.cache.predict import MarkovPredictor, PredictorStats, next_layer_gate
+from mer.cache.predict import MarkovPredictor, PredictorStats
+from mer.cache.readahead import Candidate, GateCalibration, WasteBudget, admit, gate_ranks
 from mer.cache.sources import ExpertSource
 from mer.cache.trace import belady_hits
 from mer.errors import MerError
@@ -117,9 +120,13 @@ class ExpertStreamer:
         self.markov = MarkovPredictor(source.n_layers, source.n_experts)
         self.stats = StreamStats()
         self._flights: dict[ExpertKey, _Flight] = {}
-        self._gate_pred: dict[int, set[int]] = {}
+        self.calibration = GateCalibration(n_experts_per_tok)
+        self.budget = WasteBudget()
+        self._gate_ranks: dict[int, dict[int, int]] = {}  # layer -> its predicted experts
         self._hint: dict[ExpertKey, float] = {}
-        self._utilisation = 0.0
+        self._cpu_s = 0.0  # moving average of a layer's CPU time: the disk's idle window
+        self._run_started: float | None = None
+        self._run_stalled = 0.0
         self._busy_since: float | None = None
         self._accesses: list[ExpertKey] = []  # the routing so far, for Belady's bytes
 
@@ -134,17 +141,19 @@ class ExpertStreamer:
         self._accesses += [(layer, e) for e in sorted(actual)]
         if self.source.n_experts == 1:  # a dense FFN: nothing to predict
             return
-        predicted = self._gate_pred.pop(layer, None)
+        predicted = self._gate_ranks.pop(layer, None)
         if predicted is not None:
             self.stats.gate.update(predicted, actual)
+            self.calibration.update(predicted, actual)
         self.markov.observe(layer, actual)
 
     def predict_next(
         self, layer: int, h: np.ndarray, next_router: np.ndarray | None
-    ) -> dict[ExpertKey, float]:
-        """Probabilities that experts of the layer after `layer` (layer 0 of the next step after
-        the last layer) are needed: the next layer's router applied to this layer's hidden state
-        `h`, combined with the Markov chain's estimate.
+    ) -> list[Candidate]:
+        """Read-ahead candidates for the layer after `layer` (layer 0 of the next step after
+        the last layer): the next layer's router applied to this layer's hidden state `h`
+        (the gate lookahead), each with the measured precision of its rank; after the last
+        layer, the Markov chain's estimate for the next step's first layer.
 
         Only the gate lookahead is passed on to the cache's eviction score (`hint`): the cache
         keeps its own per-expert Markov estimate, which a hint would override, and hinting the
@@ -153,35 +162,40 @@ class ExpertStreamer:
         self._hint = {}
         if self.source.n_experts == 1:  # dense FFNs: the next one is always needed
             self._hint = {(nxt, 0): 1.0}
-            return dict(self._hint)
-        probs = dict(self.markov.predict(nxt))
+            return [self._candidate((nxt, 0), 1.0)]
         if nxt > layer and next_router is not None:
-            gate = next_layer_gate(h, next_router, self.k)
-            self._gate_pred[nxt] = set(gate)
-            self._hint = {(nxt, e): p for e, p in gate.items()}
-            for e, p in gate.items():
-                probs[e] = 1.0 - (1.0 - probs.get(e, 0.0)) * (1.0 - p)
-        return {(nxt, e): p for e, p in probs.items() if p > 0.0}
+            ranks = gate_ranks(h, next_router, self.k)
+            self._gate_ranks[nxt] = ranks
+            self._hint = {(nxt, e): self.calibration.probability(r) for e, r in ranks.items()}
+            return [self._candidate(key, p) for key, p in self._hint.items()]
+        return [self._candidate((nxt, e), p) for e, p in self.markov.predict(nxt).items()]
+
+    def _candidate(self, key: ExpertKey, p: float) -> Candidate:
+        return Candidate(key, p, sum(seg.length for seg in self.source.segments(key)))
 
     def run(
         self,
         layer: int,
         ids: Iterable[int],
         fn: Callable[[int, ExpertWeights], None],
-        needs: dict[ExpertKey, float] | None = None,
+        ahead: list[Candidate] | None = None,
     ) -> None:
         """Call fn(expert, weights) once for each expert id of `layer` in `ids`, in any order,
-        with the expert's weights resident for the duration of the call."""
+        with the expert's weights resident for the duration of the call; then consider the
+        read-ahead candidates `ahead` (`predict_next`)."""
         todo = deque(int(e) for e in ids)
         ready: deque[ExpertKey] = deque()
         waiting: set[ExpertKey] = set()
         leased: list[ExpertKey] = []
         began, stalled = time.perf_counter(), 0.0
+        if self._run_started is not None:  # the time since the last layer began, less stalls
+            cpu = began - self._run_started - self._run_stalled
+            self._cpu_s = cpu if not self._cpu_s else 0.9 * self._cpu_s + 0.1 * cpu
         self._harvest(block=False)
         try:
             self._lease(layer, todo, ready, waiting, leased)
-            if needs and self.prefetch_enabled:
-                self._prefetch(needs)
+            if ahead and self.prefetch_enabled:
+                self._prefetch(ahead)
             while todo or ready or waiting:
                 done: list[ExpertKey] = []
                 if ready:
@@ -210,10 +224,8 @@ class ExpertStreamer:
         finally:
             for key in leased:
                 self.cache.release(key)
-        wall = time.perf_counter() - began
         self.stats.stall_s += stalled
-        if wall > 0:
-            self._utilisation = 0.9 * self._utilisation + 0.1 * (stalled / wall)
+        self._run_started, self._run_stalled = began, stalled
 
     # -- internals ------------------------------------------------------------------------
     @property
@@ -257,16 +269,18 @@ class ExpertStreamer:
                 flight.demand = True
                 flight.acquired = time.perf_counter()
 
-    def _prefetch(self, needs: dict[ExpertKey, float]) -> None:
+    def _prefetch(self, candidates: list[Candidate]) -> None:
         self.cache.hint(self._hint)
-        floor = self._utilisation / (1.0 + self._utilisation)
+        s = self.stats
+        if not s.read_busy_s:  # no read speed measured yet
+            return
         depth = self.readers[0].queue_depth
-        for key, p in sorted(needs.items(), key=lambda kv: -kv[1]):
-            if p <= floor or len(self._flights) >= depth:
+        for c in admit(candidates, self._cpu_s, s.bytes_read / s.read_busy_s, self.budget):
+            if len(self._flights) >= depth:
                 break
-            slot = self.cache.prefetch(key, p)
+            slot = self.cache.prefetch(c.key, c.p)
             if slot is not None:
-                self._read(key, slot, demand=False)
+                self._read(c.key, slot, demand=False)
 
     def _read(self, key: ExpertKey, slot: int, demand: bool) -> None:
         self._mem.decoded.pop(slot, None)  # the slot is about to hold other bytes
@@ -276,6 +290,7 @@ class ExpertStreamer:
             self._busy_since = now
         flight = _Flight(key, len(segments), sum(s.length for s in segments), now, demand, demand)
         self._flights[key] = flight
+        self.budget.earn()
         if demand:
             self.stats.demand_reads += 1
         else:
@@ -335,13 +350,18 @@ class ExpertStreamer:
         return None
 
     # -- telemetry and shutdown --------------------------------------------------------------
-    def belady_bytes(self) -> int:
-        """Bytes Belady's MIN would have read for the routing so far with this cache's slots:
-        the least any policy could read without read-ahead that turns out wasted."""
+    @property
+    def accesses(self) -> int:
+        """Expert uses so far (one per expert a layer visit chose)."""
+        return len(self._accesses)
+
+    def belady_bytes(self, from_access: int = 0) -> int:
+        """Bytes Belady's MIN would have read for the routing so far with this cache's slots
+        (the least any policy could read), counting its misses from use `from_access` on."""
         hits = belady_hits(self._accesses, self.cache.n_slots)
         return sum(
             sum(seg.length for seg in self.source.segments(key))
-            for key, hit in zip(self._accesses, hits, strict=True)
+            for key, hit in zip(self._accesses[from_access:], hits[from_access:], strict=True)
             if not hit
         )
 

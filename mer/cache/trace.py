@@ -24,25 +24,49 @@ from mer.errors import MerError
 
 @dataclass
 class RoutingTrace:
+    """The experts each layer used at each step and, when recorded with the routers
+    (`recorder`), the gate lookahead's predictions for each layer: [expert, rank] pairs from
+    the next layer's router applied to the previous layer's hidden state (none for layer 0)."""
+
     n_layers: int
     n_experts: int
     steps: list[list[list[int]]] = field(default_factory=list)  # [step][layer] -> expert ids
+    gates: list[list[list[list[int]]]] = field(default_factory=list)  # [step][layer] -> pairs
+    _pending: list[list[int]] = field(default_factory=list, repr=False)
 
     def record(self, layer: int, experts: list[int]) -> None:
         """The experts layer `layer` used in this step; layers 0..L-1 of each step in order."""
         if layer == 0:
             self.steps.append([])
+            self.gates.append([])
         self.steps[-1].append(sorted(int(e) for e in experts))
+        self.gates[-1].append(self._pending if layer else [])
+        self._pending = []
 
-    def observe(self, layer: int, chosen) -> None:
+    def observe(self, layer: int, chosen: np.ndarray, h: np.ndarray | None = None) -> None:
         """A Transformer routing observer: each expert the step's tokens chose, once."""
         self.record(layer, sorted({int(e) for e in chosen.reshape(-1)}))
+
+    def recorder(self, routers: list[np.ndarray | None], k: int):
+        """A routing observer that also records the gate lookahead's predictions, with the
+        model's routers (one per layer) and experts per token `k`."""
+        from mer.cache.readahead import gate_ranks
+
+        def observe(layer: int, chosen: np.ndarray, h: np.ndarray) -> None:
+            self.observe(layer, chosen)
+            nxt = routers[layer + 1] if layer + 1 < len(routers) else None
+            if nxt is not None:
+                self._pending = sorted([e, r] for e, r in gate_ranks(h, nxt, k).items())
+
+        return observe
 
     def accesses(self) -> list[ExpertKey]:
         return [(layer, e) for step in self.steps for layer, es in enumerate(step) for e in es]
 
     def save(self, path: Path) -> None:
         data = {"n_layers": self.n_layers, "n_experts": self.n_experts, "steps": self.steps}
+        if any(any(layer) for step in self.gates for layer in step):
+            data["gates"] = self.gates
         Path(path).write_text(json.dumps(data))
 
     @classmethod
@@ -57,7 +81,8 @@ class RoutingTrace:
         problem = _trace_problem(data)
         if problem:
             raise MerError(f"{path}: not a routing trace ({problem})")
-        return cls(data["n_layers"], data["n_experts"], data["steps"])
+        gates = data.get("gates") or [[[] for _ in step] for step in data["steps"]]
+        return cls(data["n_layers"], data["n_experts"], data["steps"], gates)
 
 
 def _is_int(value: object) -> bool:
@@ -79,7 +104,27 @@ def _trace_problem(data: object) -> str | None:
         for used in step:
             if not isinstance(used, list) or not all(_is_int(e) and 0 <= e < experts for e in used):
                 return f"step {i} must list expert ids in 0..{experts - 1} per layer"
+    gates = data.get("gates")
+    if gates is not None and not _gates_fit(gates, steps, experts):
+        return "gates must give [expert, rank] pairs for each step's layers"
     return None
+
+
+def _gates_fit(gates: object, steps: list, experts: int) -> bool:
+    if not isinstance(gates, list) or len(gates) != len(steps):
+        return False
+    for step_gates, step in zip(gates, steps, strict=True):
+        if not isinstance(step_gates, list) or len(step_gates) != len(step):
+            return False
+        for pairs in step_gates:
+            if not isinstance(pairs, list):
+                return False
+            for pair in pairs:
+                if not (isinstance(pair, list) and len(pair) == 2 and all(map(_is_int, pair))):
+                    return False
+                if not (0 <= pair[0] < experts and pair[1] >= 0):
+                    return False
+    return True
 
 
 def simulate_lru(accesses: list[ExpertKey], capacity: int) -> float:
@@ -180,7 +225,7 @@ class RoutingStats:
         self.pairs = np.zeros(n_layers, np.int64)
         self._last: dict[int, int] = {}  # layer -> the last token's first choice
 
-    def observe(self, layer: int, chosen: np.ndarray) -> None:
+    def observe(self, layer: int, chosen: np.ndarray, h: np.ndarray | None = None) -> None:
         self.counts[layer] += np.bincount(chosen.reshape(-1), minlength=self.counts.shape[1])
         self.tokens[layer] += chosen.shape[0]
         first = chosen[:, 0]

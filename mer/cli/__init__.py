@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from mer import __version__
+from mer.cli.bench import add_bench
 from mer.cli.common import EXIT_FLAG, FlagError, Interrupted, Parser, parse_size
 from mer.cli.files import add_convert, add_trace, run_models
 from mer.cli.generate import add_generate
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list where models come from").set_defaults(run=run_models)
     add_trace(sub)
     add_synth(sub)
+    add_bench(sub)
     return parser
 
 

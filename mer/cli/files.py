@@ -87,7 +87,9 @@ def _run_trace_record(opts: argparse.Namespace) -> int:
             f"{opts.model}: not a Mixture-of-Experts model, there is no routing to trace"
         )
     trace = RoutingTrace(model.args.n_layers, model.args.n_experts)
-    model.transformer.routing_observer = trace.observe
+    model.transformer.routing_observer = trace.recorder(
+        [layer.router for layer in model.weights.layers], model.args.n_experts_per_tok
+    )
     ids = model.tokenizer.encode(opts.prompt) if model.tokenizer else [1]
     params = SamplingParams(temperature=0.8, seed=opts.seed)
     for _ in model.generate(ids or [0], params, opts.max_tokens, stop_ids=frozenset()):

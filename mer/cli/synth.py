@@ -25,19 +25,28 @@ def add_synth(sub: argparse._SubParsersAction) -> None:
         "routing with tunable popularity (--skew) and temporal locality (--stickiness).",
     )
     p.add_argument("out", help="the GGUF file to write")
-    p.add_argument("--shape", choices=sorted(SHAPES), default="mixtral-8x7b",
-                   help="a preset that the flags below override")  # fmt: skip
+    p.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="mixtral-8x7b",
+        help="a preset that the flags below override",
+    )
     for name in ("layers", "experts", "top-k", "dim", "ffn", "heads", "kv-heads", "context"):
         p.add_argument(f"--{name}", type=whole(1), help=f"{name} (default: the shape's)")
     p.add_argument("--quant", choices=sorted(QUANTS), default="q4_0", help="block types")
     p.add_argument("--skew", type=finite, default=0.3, help="expert popularity (0 = uniform)")
-    p.add_argument("--stickiness", type=finite, default=0.3,
-                   help="temporal locality in [0, 0.95] (0 = none)")  # fmt: skip
+    p.add_argument(
+        "--stickiness", type=finite, default=0.3, help="temporal locality in [0, 0.95] (0 = none)"
+    )
     p.add_argument("--seed", type=whole(0), default=0, help="random seed")
     p.add_argument("--store", help="also convert the model into a mer store in this directory")
     p.add_argument("--force", action="store_true", help="replace OUT (and --store) if present")
-    p.add_argument("--histogram-tokens", type=whole(0), default=256,
-                   help="tokens of text to route for the histogram (0 = skip)")  # fmt: skip
+    p.add_argument(
+        "--histogram-tokens",
+        type=whole(0),
+        default=256,
+        help="tokens of text to route for the histogram (0 = skip)",
+    )
     p.set_defaults(run=run_synth)
 
 
@@ -122,9 +131,13 @@ class _progress:
         from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
         self._bar = Progress(
-            "{task.description}", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-            console=Console(stderr=True), disable=not enabled,
-        )  # fmt: skip
+            "{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            disable=not enabled,
+        )
         self._task = self._bar.add_task(name, total=total)
 
     def __enter__(self):

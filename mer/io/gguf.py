@@ -70,6 +70,11 @@ class GGUFFile:
             return default
         return field.contents()
 
+    def drop_metadata(self) -> None:
+        """Free the parsed metadata (the reader keeps every vocabulary entry as its own arrays);
+        tensors stay readable, `meta` no longer is."""
+        self.reader.fields.clear()
+
     def has(self, name: str) -> bool:
         return name in self.tensors
 

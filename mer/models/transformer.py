@@ -71,8 +71,9 @@ class Transformer:
         self.args = args
         self.weights = weights
         self.inv_freq = inv_frequencies(args.rope, args.head_dim)
-        # called as observer(layer, chosen) with each MoE layer's expert ids int64 [n, A]
-        self.routing_observer: Callable[[int, np.ndarray], None] | None = None
+        # observer(layer, chosen, h): each MoE layer's expert ids int64 [n, A] and the
+        # normalised hidden state float32 [n, D] its router saw
+        self.routing_observer: Callable[[int, np.ndarray, np.ndarray], None] | None = None
         self.streamer = None  # an ExpertStreamer when experts are streamed from disk, or None
 
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = True) -> np.ndarray:
@@ -142,7 +143,7 @@ class Transformer:
             chosen, weights = route(scores, self.args.n_experts_per_tok)  # [n, A]
         ids = np.unique(chosen).tolist()
         if self.routing_observer is not None and layer.router is not None:
-            self.routing_observer(index, chosen)
+            self.routing_observer(index, chosen, h)
         outputs: dict[int, np.ndarray] = {}
 
         def compute(e: int, expert: ExpertWeights) -> None:

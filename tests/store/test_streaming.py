@@ -152,21 +152,29 @@ def test_no_verify_reads_unchecked(q4_store):
     check_same(resident, q4_store, expert_bytes(resident) // 4, verify=False)
 
 
-def test_prefetch_admission_weighs_need_against_demand_load(q4_store):
-    """Read-ahead needs p > u / (1 + u), u = the share of time demand reads stalled."""
+def test_read_ahead_pays_for_itself(q4_store):
+    """A read-ahead needs p > 1 - W / t (W: the disk's idle window, a layer's CPU time; t: the
+    read's time) and p > 1/2; each admitted read uses up part of the window."""
+    from mer.cache.readahead import Candidate
+
     with mer.load_model(q4_store, cache_bytes=json_slot(q4_store) * 6) as model:
         s = model.streamer
-        s._utilisation = 1.0  # the disk is saturated by demand reads: only p > 0.5 passes
-        s._prefetch({(1, 0): 0.45, (1, 1): 0.55})
+        nbytes = s._candidate((1, 0), 1.0).nbytes
+        s.stats.bytes_read, s.stats.read_busy_s = nbytes, 1.0  # t = 1 s per expert
+        s._cpu_s = 0.1  # reads dominate: only p > 0.9 passes
+        s._prefetch([Candidate((1, 0), 0.85, nbytes), Candidate((1, 1), 0.95, nbytes)])
         assert s.stats.prefetch_reads == 1 and s.cache.slot_of((1, 1)) is not None
         assert s.cache.slot_of((1, 0)) is None
-        s._utilisation = 0.0  # an idle disk: any likely expert is worth reading
-        s._prefetch({(1, 0): 0.05})
-        assert s.stats.prefetch_reads == 2
+        s._harvest(block=True)
+        s._cpu_s = 1.5  # the disk idles for 1.5 reads: p > 1/2 passes, then p > 0.5 + ...
+        s._prefetch([Candidate((1, k), p, nbytes) for k, p in ((2, 0.45), (3, 0.6), (4, 0.7))])
+        assert s.stats.prefetch_reads == 3
+        assert s.cache.slot_of((1, 4)) is not None and s.cache.slot_of((1, 3)) is not None
+        assert s.cache.slot_of((1, 2)) is None
         seen = []
-        s.run(1, [1, 0], lambda e, w: seen.append(e))
-        assert sorted(seen) == [0, 1]
-        assert s.cache.stats.prefetch_used == 2 and s.cache.stats.misses == 0
+        s.run(1, [1, 3, 4], lambda e, w: seen.append(e))
+        assert sorted(seen) == [1, 3, 4]
+        assert s.cache.stats.prefetch_used == 3 and s.cache.stats.misses == 0
 
 
 def test_streamed_store_compiles_nothing_after_warm_up(q4_store):
