@@ -192,7 +192,8 @@ class CacheQuery(Body):
 
 @dataclass(frozen=True)
 class CacheReport(Body):
-    """The cache tier's telemetry (`CacheTier.telemetry`): {"figures": {"hits": 10, ...}}"""
+    """The cache tier's telemetry (`CacheTier.telemetry`, every figure):
+    {"figures": {"hits": 10, "misses": 2, "bytes_read": 8388608}}"""
 
     KIND: ClassVar[str] = "cache_report"
     figures: dict[str, Any]
@@ -244,7 +245,8 @@ class Drain(Body):
 
 @dataclass(frozen=True)
 class Reconfigure(Body):
-    """Settings that change live (SIGHUP): {"log_level": "info"}"""
+    """Settings that change live (SIGHUP): {"settings": {"log_level": "info", "io": 2,
+    "cache_bytes": 8589934592, "pin_fraction": 0.25}}"""
 
     KIND: ClassVar[str] = "reconfigure"
     settings: dict[str, Any]
