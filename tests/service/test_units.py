@@ -4,6 +4,7 @@ engine actor's core and the api's gateway."""
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
@@ -141,6 +142,29 @@ def test_notify_over_a_real_datagram_socket(tmp_path, monkeypatch):
     assert server.recv(1024) == b"WATCHDOG=1"
     server.close()
     assert not Notifier("").enabled
+
+
+def test_notify_never_stalls_on_a_reader_that_fell_behind(tmp_path):
+    """A datagram queue holds a handful of messages; once it is full, routine messages are
+    dropped at once and state changes give up after a second, so the supervisor's loop (which
+    also answers /ready) never hangs on systemd."""
+    path = str(tmp_path / "notify")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    notifier = Notifier(path)
+    start = time.monotonic()
+    sent = sum(notifier.send(WATCHDOG=1) for _ in range(500))
+    assert 0 < sent < 500 and notifier.dropped == 500 - sent
+    assert time.monotonic() - start < 1.0
+    start = time.monotonic()
+    notifier.stopping()
+    assert 0.9 < time.monotonic() - start < 3.0 and notifier.dropped == 501 - sent
+    server.setblocking(False)
+    got = [server.recv(64) for _ in range(sent)]
+    assert got == [b"WATCHDOG=1"] * sent
+    notifier.ready("serving")  # room again
+    assert server.recv(64) == b"READY=1\nSTATUS=serving"
+    server.close()
 
 
 # -- the api's gateway ---------------------------------------------------------------------------
