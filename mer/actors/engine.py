@@ -194,7 +194,10 @@ def main() -> None:
         while not actor.stopping:
             busy = core.engine.has_work()
             began = time.perf_counter()
-            for _ in dict(poller.poll(0 if busy else heartbeat_ms)):
+            events = dict(poller.poll(0 if busy else heartbeat_ms))
+            if not busy:
+                began = time.perf_counter()  # an idle wait for a request is not work
+            for _ in events:
                 while True:
                     try:
                         peer, frame = sock.recv_multipart(zmq.NOBLOCK)
@@ -207,15 +210,16 @@ def main() -> None:
                         continue
                     for to, body in core.handle(peer, message):
                         sock.send_multipart([to, actor.codec.encode(body, message.msg_id)])
-            if core.engine.has_work():
-                stepped = time.perf_counter()
+            stepped = core.engine.has_work()
+            if stepped:
+                at = time.perf_counter()
                 out = core.step()
-                timers.step(time.perf_counter() - stepped)
+                timers.step(time.perf_counter() - at)
                 for to, body in out:
                     sock.send_multipart([to, actor.codec.encode(body)])
             actor.poll_supervisor()
             core.draining = actor.draining
-            if busy:
+            if busy or stepped:
                 timers.work(time.perf_counter() - began, done=not core.engine.has_work())
             actor.beat(busy=core.engine.has_work())
     finally:

@@ -4,6 +4,7 @@ nothing left behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -48,6 +49,12 @@ def test_tokens_equal_mer_generate(service_factory, small_store, workers):
     )
     assert whole.choices[0].text == generate_json(small_store, PROMPT, 24, 1)["text"]
     assert whole.usage.completion_tokens == 24
+    # the engine's timers (bench/pipeline.py's orchestration share): every step inside the
+    # work it was part of, every round over the workers counted
+    timers = json.loads(next((service.tmp / "run").glob("run.*/engine-timers.json")).read_text())
+    assert 0 < timers["step_s"] <= timers["work_s"] and timers["steps"] >= 3 * 24
+    assert timers["board_rounds"] > 0 and timers["board_overhead_s"] >= 0
+    assert 0 <= timers["orchestration_share"] < 1
     assert service.stop() == 0
 
 
