@@ -12,9 +12,13 @@ For each model:
 - the sum of the service's processes' proportional set size (PSS: a shared page counts once
   across the processes sharing it) over the model's bytes: weights exist once.
 
-Models: the bundled SmolLM2 (every weight resident), and a Mixtral-shaped store (`mer synth
---shape mixtral-4l`: four layers at Mixtral-8x7B's width) streamed through a cache of a
-quarter of its experts. Single-stream trials of the two ways alternate and are kept when
+Models: the bundled SmolLM2 as a store (every weight resident, shared by the compute
+workers), and a Mixtral-shaped store (`mer synth --shape mixtral-4l`: four layers at
+Mixtral-8x7B's width) streamed through a cache of a quarter of its experts; the same store
+with every expert resident for the footprint alone. PSS is split into the pages of the model's
+files and of shared memory (counted once across processes: weights exist once) and the rest
+(each process's interpreter, libraries and heap: a fixed cost per process that dominates for
+a model as small as SmolLM2). Single-stream trials of the two ways alternate and are kept when
 other processes used at most 5% of the CPUs (mer/bench/machine.py). A table last.
 
     python bench/pipeline.py [--workdir DIR] [--shape mixtral-4l] [--tokens 32] [--trials 3]
@@ -82,6 +86,7 @@ class Serve:
     """`mer serve` on the model, in its own runtime directory."""
 
     def __init__(self, path: str, cache: int | None, tmp: Path) -> None:
+        self.model_path = str(Path(path).resolve())
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.run_dir = tmp / "run"
@@ -154,13 +159,23 @@ class Serve:
         except (StopIteration, OSError, ValueError):
             return {}
 
-    def pss_bytes(self) -> int:
-        total = 0
+    def pss(self) -> dict[str, int]:
+        """The service's proportional set size, split: pages of the model's files and of
+        shared memory (weights, the arena, the compute board: each page counted once
+        however many processes map it), and the rest (each process's interpreter, libraries
+        and heap)."""
+        split = {"model and shared memory": 0, "processes": 0}
         for pid in self.pids:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
-        return total
+            where = "processes"
+            for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+                head = line.split(None, 5)
+                if head and "-" in head[0] and not head[0].endswith(":"):
+                    name = head[5] if len(head) > 5 else ""
+                    shared = name.startswith("/dev/shm/") or name.startswith(self.model_path)
+                    where = "model and shared memory" if shared else "processes"
+                elif head and head[0] == "Pss:":
+                    split[where] += int(head[1]) * 1024
+        return split
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -177,6 +192,22 @@ def orchestration(before: dict, after: dict) -> float:
     work = after.get("work_s", 0.0) - before.get("work_s", 0.0)
     spent = after.get("orchestration_s", 0.0) - before.get("orchestration_s", 0.0)
     return spent / work if work > 0 else float("nan")
+
+
+def footprint(name: str, path: str, opts) -> dict:
+    """Only the PSS of the service with every expert resident, after a few streams."""
+    with tempfile.TemporaryDirectory() as tmp:
+        serve = Serve(path, None, Path(tmp))
+        try:
+            serve.aggregate(4, opts.tokens)
+            pss = serve.pss()
+        finally:
+            serve.stop()
+    return {
+        "model": name,
+        "pss": pss,
+        "pss_over_model": sum(pss.values()) / model_bytes(Path(path)),
+    }
 
 
 def measure(name: str, path: str, cache: int | None, opts) -> dict:
@@ -206,7 +237,7 @@ def measure(name: str, path: str, cache: int | None, opts) -> dict:
             local.close()
             for streams in (1, 4, 8):
                 rows[f"{streams} streams"] = [serve.aggregate(streams, opts.tokens)]
-            pss = serve.pss_bytes()
+            pss = serve.pss()
         finally:
             serve.stop()
     med = {k: statistics.median(v) if v else float("nan") for k, v in rows.items()}
@@ -215,7 +246,8 @@ def measure(name: str, path: str, cache: int | None, opts) -> dict:
         "tok_s": med,
         "trials": rows,
         "orchestration_share": statistics.median(shares) if shares else float("nan"),
-        "pss_over_model": pss / model_bytes(Path(path)),
+        "pss": pss,
+        "pss_over_model": sum(pss.values()) / model_bytes(Path(path)),
         "serve_over_in_process": med["serve, 1 stream"] / med["in-process"],
         "eight_over_one": med["8 streams"] / med["1 streams"],
     }
@@ -227,6 +259,14 @@ def mixtral_store(workdir: Path, shape: str) -> Path:
     if not gguf.exists():
         run = [sys.executable, "-m", "mer.cli", "synth", str(gguf), "--shape", shape]
         subprocess.run([*run, "--histogram-tokens", "0"], check=True, stdout=subprocess.DEVNULL)
+    if not store.exists():
+        convert = [sys.executable, "-m", "mer.cli", "convert", str(gguf), str(store)]
+        subprocess.run(convert, check=True, stdout=subprocess.DEVNULL)
+    return store
+
+
+def store_of(gguf: Path, store: Path) -> Path:
+    """The store of `gguf` (made once): what `mer serve` shares between compute workers."""
     if not store.exists():
         convert = [sys.executable, "-m", "mer.cli", "convert", str(gguf), str(store)]
         subprocess.run(convert, check=True, stdout=subprocess.DEVNULL)
@@ -249,24 +289,36 @@ def main() -> None:
     opts = parser.parse_args()
     from mer.models.sources import resolve_model
 
-    results = [measure("SmolLM2-135M (resident)", str(resolve_model(None)), None, opts)]
     with tempfile.TemporaryDirectory() as tmp:
-        store = mixtral_store(Path(opts.workdir or tmp), opts.shape)
+        work = Path(opts.workdir or tmp)
+        small = store_of(resolve_model(None), work / "smollm2-store")
+        results = [measure("SmolLM2-135M store", str(small), None, opts)]
+        store = mixtral_store(work, opts.shape)
         name = f"{opts.shape} store, 25% cache"
         results.append(measure(name, str(store), quarter_cache(store), opts))
+        resident = footprint(f"{opts.shape} store, resident", str(store), opts)
     if opts.out:
-        Path(opts.out).write_text(json.dumps(results, indent=1))
+        Path(opts.out).write_text(json.dumps([*results, resident], indent=1))
     print()
     head = f"{'model':<30}{'in-proc':>8}{'serve':>7}{'ratio':>7}{'orch.':>7}"
     print(head + f"{'1 str':>7}{'4 str':>7}{'8 str':>7}{'8/1':>6}{'PSS/model':>10}")
-    for r in results:
-        t = r["tok_s"]
-        print(
-            f"{r['model']:<30}{t['in-process']:>8.2f}{t['serve, 1 stream']:>7.2f}"
-            f"{r['serve_over_in_process']:>7.2f}{r['orchestration_share']:>7.1%}"
-            f"{t['1 streams']:>7.2f}{t['4 streams']:>7.2f}{t['8 streams']:>7.2f}"
-            f"{r['eight_over_one']:>6.2f}{r['pss_over_model']:>10.2f}"
-        )
+    for r in [*results, resident]:
+        t = r.get("tok_s")
+        row = f"{r['model']:<30}"
+        if t:
+            row += (
+                f"{t['in-process']:>8.2f}{t['serve, 1 stream']:>7.2f}"
+                f"{r['serve_over_in_process']:>7.2f}{r['orchestration_share']:>7.1%}"
+                f"{t['1 streams']:>7.2f}{t['4 streams']:>7.2f}{t['8 streams']:>7.2f}"
+                f"{r['eight_over_one']:>6.2f}"
+            )
+        else:
+            row += " " * 49
+        print(row + f"{r['pss_over_model']:>10.2f}")
+    print("\nPSS, MiB (model files and shared memory / the processes themselves):")
+    for r in [*results, resident]:
+        mib = {k: round(v / 2**20) for k, v in r["pss"].items()}
+        print(f"  {r['model']:<30}{mib['model and shared memory']:>8}{mib['processes']:>8}")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ class ComputeConfig:
     count: int | None = None  # compute workers (default: one per core)
     stripes: int = 8  # a product is split into this many stripes, whatever the worker count
     min_work: int = 1 << 22  # smaller products (multiply-adds) run in the engine itself
+    measured: bool = True  # larger ones go where they measure faster (False: always workers)
     round_timeout_s: float = 5.0  # a worker this late is killed and its stripes done by the engine
 
 

@@ -265,6 +265,8 @@ class Timers:
             "work_s": self.work_s,
             "step_s": self.step_s,
             "board_rounds": getattr(executor, "rounds", 0),
+            "board_round_s": getattr(executor, "round_s", 0.0),
+            "board_worker_s": getattr(executor, "worker_s", 0.0),
             "board_overhead_s": board,
             "cache_message_s": messages,
             "disk_wait_s": getattr(streamer, "stall_s", 0.0),
@@ -314,6 +316,7 @@ def _compute_board(actor, model):
         c.round_timeout_s,
         actor.log,
         lambda: actor.beat(busy=True),
+        measured=c.measured,
     )
     note = {
         "board": board.name,

@@ -1,14 +1,17 @@
 """Where the transformer's products run: in this process, or striped over compute workers.
 
-`LocalExecutor` runs every product here (numba threads). `BoardExecutor` posts products
-larger than `min_work` multiply-adds to the board (`mer.compute.board`) for the compute
-workers and runs smaller ones here, where a round trip would cost more than the work. Both
-give bit-identical results: a product's rows are computed whole by the same kernels whoever
+`LocalExecutor` runs every product here (numba threads). `BoardExecutor` runs products
+smaller than `min_work` multiply-adds here, where a round trip would cost more than the work,
+and larger ones where they measure faster: posted to the board (`mer.compute.board`) for the
+compute workers, or here (a `ThreadPolicy` over the two places, per kind of work, probing the
+other place now and then; `measured=False` always posts them). Both places give
+bit-identical results: a product's rows are computed whole by the same kernels whoever
 computes them (`compute_stripe`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -30,6 +33,8 @@ from mer.compute.weights import WeightTable
 from mer.kernels.matmul import PackedWeight, matmul, run_kernel
 from mer.kernels.swiglu import _silu_mul, expert_forward
 from mer.models.weights import ExpertWeights
+
+HERE, BOARD = 1, 2  # where large work runs: the engine's own threads, or the compute workers
 
 
 class LocalExecutor:
@@ -81,7 +86,11 @@ class BoardExecutor:
         timeout_s: float = 5.0,
         log=None,
         beat=lambda: None,
+        *,
+        measured: bool = True,
     ) -> None:
+        from mer.kernels.threads import ThreadPolicy
+
         self.board, self.table = board, table
         self.go_fds, self.done_fd = go_fds, done_fd
         self.stripes, self.min_work, self.timeout_s = stripes, min_work, timeout_s
@@ -92,25 +101,40 @@ class BoardExecutor:
         self.fallbacks = 0  # stripes the engine computed for a worker that failed
         self.round_s = 0.0  # wall time of rounds, posting to gathering
         self.worker_s = 0.0  # of which the slowest worker computed
+        # Where large work runs, measured per kind of work (the shapes, the token count's
+        # power of two): a round wakes other processes, and on a small machine (two hardware
+        # threads of one core, say) that can cost more than the engine's own threads take.
+        self.placement = ThreadPolicy(BOARD, adaptive=measured, candidates=(HERE, BOARD))
 
     def products(self, pairs: list[tuple[PackedWeight, np.ndarray]]) -> list[np.ndarray]:
         out: list[np.ndarray | None] = [None] * len(pairs)
-        jobs, where = [], []
-        alloc = Allocator(self.board)
+        big = []
         for i, (w, x) in enumerate(pairs):
-            index = self.table.index(w)
-            if index is None or w.rows * w.cols * x.shape[0] < self.min_work:
+            if self.table.index(w) is None or w.rows * w.cols * x.shape[0] < self.min_work:
                 out[i] = matmul(w, x)
-                continue
-            n = x.shape[0]
-            x_at = alloc.put(x, (n, w.cols))
-            out_at = alloc.put(None, (n, w.rows))
-            jobs.append(Job(PRODUCT, index, 0, 0, n, w.rows, w.cols, x_at, out_at, self.stripes))
-            where.append(i)
-        if jobs:
-            self._round(jobs)
-            for i, job in zip(where, jobs, strict=True):
-                out[i] = self.board.floats(job.out_at, (job.n, job.rows)).copy()
+            else:
+                big.append(i)
+        if big:
+            n = pairs[big[0]][1].shape[0]
+            key = ("products", tuple((pairs[i][0].rows, pairs[i][0].cols) for i in big), n)
+            work = sum(pairs[i][0].rows * pairs[i][0].cols * n for i in big)
+            with self._placed(key, work) as where:
+                if where == HERE:
+                    for i in big:
+                        out[i] = matmul(*pairs[i])
+                else:
+                    alloc, jobs = Allocator(self.board), []
+                    for i in big:
+                        w, x = pairs[i]
+                        x_at = alloc.put(x, (n, w.cols))
+                        out_at = alloc.put(None, (n, w.rows))
+                        index = self.table.index(w)
+                        jobs.append(
+                            Job(PRODUCT, index, 0, 0, n, w.rows, w.cols, x_at, out_at, self.stripes)
+                        )
+                    self._round(jobs)
+                    for i, job in zip(big, jobs, strict=True):
+                        out[i] = self.board.floats(job.out_at, (job.n, job.rows)).copy()
         return out  # type: ignore[return-value]
 
     def expert(self, expert: ExpertWeights, x: np.ndarray, ref: tuple[int, int, int]) -> np.ndarray:
@@ -118,15 +142,30 @@ class BoardExecutor:
         n, inter, dim = x.shape[0], expert.gate.rows, expert.gate.cols
         if 3 * inter * dim * n < self.min_work:
             return self.local.expert(expert, x, ref)
-        alloc = Allocator(self.board)
-        x_at = alloc.put(x, (n, dim))
-        h_at = alloc.put(None, (n, inter))
-        out_at = alloc.put(None, (n, dim))
-        self._round([Job(EXPERT_UP, layer, e, slot, n, inter, dim, x_at, 0, self.stripes, h_at)])
-        self._round(
-            [Job(EXPERT_DOWN, layer, e, slot, n, dim, inter, 0, out_at, self.stripes, h_at)]
-        )
-        return self.board.floats(out_at, (n, dim)).copy()
+        with self._placed(("expert", inter, dim, n), 3 * inter * dim * n) as where:
+            if where == HERE:
+                return self.local.expert(expert, x, ref)
+            alloc = Allocator(self.board)
+            x_at = alloc.put(x, (n, dim))
+            h_at = alloc.put(None, (n, inter))
+            out_at = alloc.put(None, (n, dim))
+            up = Job(EXPERT_UP, layer, e, slot, n, inter, dim, x_at, 0, self.stripes, h_at)
+            self._round([up])
+            down = Job(EXPERT_DOWN, layer, e, slot, n, dim, inter, 0, out_at, self.stripes, h_at)
+            self._round([down])
+            return self.board.floats(out_at, (n, dim)).copy()
+
+    @contextlib.contextmanager
+    def _placed(self, key: tuple, work: int):
+        """Where a piece of large work runs (HERE or on the BOARD), timed for the choice."""
+        if not self._workers():
+            yield HERE
+            return
+        key = (*key[:-1], int(key[-1]).bit_length())
+        where = self.placement.choose(key)
+        began = time.perf_counter()
+        yield where
+        self.placement.record(key, where, work, time.perf_counter() - began)
 
     # -- a round --------------------------------------------------------------------------------
     def _workers(self) -> list[int]:
