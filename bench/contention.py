@@ -104,8 +104,10 @@ def main() -> None:
     print()
     print(f"{CPUS} CPUs; a load is that many busy-loop processes; tokens/s min / median / max")
     print(f"over clean trials (others <= {opts.clean:.0%} of the CPUs), and the median's ratio")
-    print(f"{'load':>4}  {'mode':<20}{'min':>7}{'median':>8}{'max':>7}{'clean':>7}"
-          f"{'/ 1 thr':>9}{'/ before':>10}")  # fmt: skip
+    print(
+        f"{'load':>4}  {'mode':<20}{'min':>7}{'median':>8}{'max':>7}{'clean':>7}"
+        f"{'/ 1 thr':>9}{'/ before':>10}"
+    )
     for load in opts.loads:
         medians = {}
         for mode in MODES:

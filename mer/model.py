@@ -13,7 +13,7 @@ from mer.kernels.matmul import set_num_threads
 from mer.models.args import ModelArgs
 from mer.models.transformer import ContextFullError, KVCache, NonFiniteError, Transformer
 from mer.models.weights import ModelWeights
-from mer.sampling import Sampler, SamplingParams
+from mer.sampling import SamplingParams
 from mer.tokenizer import Tokenizer
 
 
@@ -56,8 +56,15 @@ class Model:
 
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = True) -> np.ndarray:
         """Transformer.forward, with corrupt weights reported as the file they came from."""
+        return self.forward_batch([(tokens, cache)], all_logits)[0]
+
+    def forward_batch(
+        self, batch: list[tuple[np.ndarray, KVCache]], all_logits: bool = False
+    ) -> list[np.ndarray]:
+        """Transformer.step (several sequences at once), with corrupt weights reported as the
+        file they came from."""
         try:
-            return self.transformer.forward(tokens, cache, all_logits)
+            return self.transformer.step(batch, all_logits)
         except NonFiniteError as err:
             file = self._file_of(err.part)
             raise ModelFormatError(f"{err}: the weights in {file} are corrupt") from None
@@ -111,24 +118,31 @@ class Model:
             )
         if stop_ids is None:
             stop_ids = self.tokenizer.eos_token_ids if self.tokenizer else frozenset()
-        return Generation(
-            self, list(prompt_ids), Sampler(params or SamplingParams()), max_tokens, stop_ids
-        )
+        return Generation(self, list(prompt_ids), params or SamplingParams(), max_tokens, stop_ids)
 
 
 class Generation:
-    """The tokens of one generation, produced as it is iterated (once).
+    """The tokens of one generation, produced as it is iterated (once): a batch of one through
+    the engine (`mer.engine`).
 
     finish_reason, once iteration ends: "stop" (a stop id came), "length" (max_tokens were
     generated) or "context" (prompt and generated tokens fill the context)."""
 
     def __init__(
-        self, model: Model, history: list[int], sampler: Sampler, max_tokens: int, stop_ids
+        self, model: Model, history: list[int], params: SamplingParams, max_tokens: int, stop_ids
     ) -> None:
-        self.model, self.history, self.sampler = model, history, sampler
-        self.max_tokens, self.stop_ids = max_tokens, stop_ids
-        self.finish_reason: str | None = None
+        from mer.engine.engine import Engine
+        from mer.engine.scheduler import SchedulerConfig
+
+        # one sequence: its KV room is the whole context, whatever the service's budget
+        config = SchedulerConfig(kv_budget_tokens=max(model.args.max_seq_len, 1))
+        self._engine = Engine(model, config)
+        self._seq = self._engine.submit(history, params, max_tokens, stop_ids)
         self._started = False
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._seq.finish_reason
 
     def __iter__(self) -> Iterator[int]:
         if self._started:
@@ -137,26 +151,9 @@ class Generation:
         return self._tokens()
 
     def _tokens(self) -> Iterator[int]:
-        model, history = self.model, self.history
-        if self.max_tokens == 0:
-            self.finish_reason = "length"
-            return
-        cache = model.new_cache()
-        logits = model.forward(np.asarray(history), cache, all_logits=False)[0]
-        for i in range(self.max_tokens):
-            token = self.sampler.sample(logits, history)
-            if token in self.stop_ids:
-                self.finish_reason = "stop"
-                return
-            yield token
-            history.append(token)
-            if i + 1 == self.max_tokens:
-                self.finish_reason = "length"
-                return
-            if len(history) >= model.args.max_seq_len:
-                self.finish_reason = "context"
-                return
-            logits = model.forward(np.asarray([token]), cache, all_logits=False)[0]
+        for event in self._engine.run():
+            if event.token is not None:
+                yield event.token
 
 
 def load_model(
@@ -169,6 +166,7 @@ def load_model(
     io_backend: str = "auto",
     verify: bool = True,
     prefetch: bool = True,
+    streamer_factory=None,
 ) -> Model:
     """Load a model from a mer store, a Hugging Face directory or a GGUF file.
 
@@ -176,7 +174,9 @@ def load_model(
     (default: all cores); max_seq_len: cap the context below the model's own maximum.
     cache_bytes: stream experts from disk through a RAM cache of this many bytes instead of
     loading them all; io_backend: "auto", "uring", "preadv" or "buffered"; verify: check
-    expert checksums (stores) on every read; prefetch: read predicted experts ahead.
+    expert checksums (stores) on every read; prefetch: read predicted experts ahead;
+    streamer_factory(source, args): what streams the experts instead of an in-process
+    `ExpertStreamer` (the service's engine: `mer.cache.remote`).
     """
     from dataclasses import replace
 
@@ -193,6 +193,8 @@ def load_model(
     if stream:
         if experts is None:  # streamed straight from the model's own files
             experts = FileExperts([layer.experts for layer in weights.layers])
+        if streamer_factory is not None:
+            return Model(args, weights, tokenizer, source, streamer_factory(experts, args))
         streamer = ExpertStreamer(
             experts,
             cache_bytes,

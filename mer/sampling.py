@@ -160,6 +160,12 @@ class Sampler:
         self.params = params
         self._rng = np.random.default_rng(params.seed)
 
+    def skip(self, n: int) -> None:
+        """Advance as `n` samples would have (one draw each when sampling, none when greedy):
+        resuming a sequence from its first n tokens then draws what it would have drawn."""
+        if self.params.temperature > 0 and n > 0:
+            self._rng.random(n)
+
     def sample(self, logits: np.ndarray, history: Sequence[int]) -> int:
         """The next token id for `logits` (float32 [vocab]) given every id seen so far."""
         penalised = apply_penalties(logits, history, self.params)

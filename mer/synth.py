@@ -112,14 +112,35 @@ SHAPES = {
 
 # Block type per tensor class for each quantization.
 QUANTS: dict[str, dict[str, Q]] = {
-    "q4_0": {"experts": Q.Q4_0, "down": Q.Q4_0, "qk": Q.Q4_0, "v": Q.Q4_0, "o": Q.Q4_0,
-             "embed": Q.Q4_0, "output": Q.Q6_K},
-    "q8_0": {"experts": Q.Q8_0, "down": Q.Q8_0, "qk": Q.Q8_0, "v": Q.Q8_0, "o": Q.Q8_0,
-             "embed": Q.Q8_0, "output": Q.Q8_0},
+    "q4_0": {
+        "experts": Q.Q4_0,
+        "down": Q.Q4_0,
+        "qk": Q.Q4_0,
+        "v": Q.Q4_0,
+        "o": Q.Q4_0,
+        "embed": Q.Q4_0,
+        "output": Q.Q6_K,
+    },
+    "q8_0": {
+        "experts": Q.Q8_0,
+        "down": Q.Q8_0,
+        "qk": Q.Q8_0,
+        "v": Q.Q8_0,
+        "o": Q.Q8_0,
+        "embed": Q.Q8_0,
+        "output": Q.Q8_0,
+    },
     # Q4_K_M-style: K-quants where nothing needs exact values; Q8_0 where structure does
-    "q4_k_m": {"experts": Q.Q4_K, "down": Q.Q6_K, "qk": Q.Q8_0, "v": Q.Q8_0, "o": Q.Q4_K,
-               "embed": Q.Q8_0, "output": Q.Q6_K},
-}  # fmt: skip
+    "q4_k_m": {
+        "experts": Q.Q4_K,
+        "down": Q.Q6_K,
+        "qk": Q.Q8_0,
+        "v": Q.Q8_0,
+        "o": Q.Q4_K,
+        "embed": Q.Q8_0,
+        "output": Q.Q6_K,
+    },
+}
 _FLOAT_QUANTS = {Q.Q4_0: "q4_0", Q.Q8_0: "q8_0"}  # kinds mer quantizes from floats
 
 
@@ -223,8 +244,9 @@ def _recency_weights(shape: Shape, a: float, length: int = 512) -> np.ndarray:
 def _qk_amplitude(shape: Shape) -> float:
     """a such that attention weights fall off as (distance + 1)^-RECENCY (module docstring):
     sum_i cos(theta_i x) ~ (hd / 2)(1 - ln x / ln base) for rotary base `base`."""
-    return math.sqrt(RECENCY * math.sqrt(shape.head_dim) * math.log(shape.rope_theta)
-                     / (shape.head_dim / 2))  # fmt: skip
+    return math.sqrt(
+        RECENCY * math.sqrt(shape.head_dim) * math.log(shape.rope_theta) / (shape.head_dim / 2)
+    )
 
 
 @dataclass(frozen=True)
@@ -337,12 +359,18 @@ def _tensors(shape: Shape, quant: str, knobs: Knobs, vocab: int) -> Iterator[_Te
 
         yield _Tensor(p + "attn_v.weight", (s.kv_heads * hd, d), types["v"], values)
         yield _Tensor(
-            p + "attn_output.weight", (d, s.heads * hd), types["o"],
+            p + "attn_output.weight",
+            (d, s.heads * hd),
+            types["o"],
             lambda layer=layer: _random_blocks(
-                types["o"], d, s.heads * hd, attn_gain(layer) / math.sqrt(s.heads * hd),
-                rng(layer, "o"), zero_rows=(CHANNEL,),
+                types["o"],
+                d,
+                s.heads * hd,
+                attn_gain(layer) / math.sqrt(s.heads * hd),
+                rng(layer, "o"),
+                zero_rows=(CHANNEL,),
             ),
-        )  # fmt: skip
+        )
         yield _Tensor(p + "ffn_norm.weight", (d,), Q.F32, norm(plan.ffn_in[layer]))
 
         def router(layer=layer) -> np.ndarray:
@@ -358,37 +386,55 @@ def _tensors(shape: Shape, quant: str, knobs: Knobs, vocab: int) -> Iterator[_Te
             ("ffn_down_exps", d, f, "down", down_gain),
         ):
             zero = (CHANNEL,) if name == "ffn_down_exps" else ()
-            yield _Tensor(
-                p + name + ".weight", (e, rows, cols), types[kind],
-                lambda layer=layer, name=name, rows=rows, cols=cols, kind=kind, gain=gain,
-                zero=zero: np.stack([
-                    _random_blocks(types[kind], rows, cols, gain / math.sqrt(cols),
-                                   rng(layer, name, x), zero_rows=zero)
-                    for x in range(e)
-                ]),
-            )  # fmt: skip
+
+            def experts(
+                layer=layer, name=name, rows=rows, cols=cols, kind=kind, gain=gain, zero=zero
+            ):
+                scale = gain / math.sqrt(cols)
+                return np.stack(
+                    [
+                        _random_blocks(
+                            types[kind], rows, cols, scale, rng(layer, name, x), zero_rows=zero
+                        )
+                        for x in range(e)
+                    ]
+                )
+
+            yield _Tensor(p + name + ".weight", (e, rows, cols), types[kind], experts)
     yield _Tensor("output_norm.weight", (d,), Q.F32, norm(plan.final))
     yield _Tensor(
-        "output.weight", (vocab, d), types["output"],
+        "output.weight",
+        (vocab, d),
+        types["output"],
         lambda: _random_blocks(types["output"], vocab, d, 1 / math.sqrt(d), rng("output")),
-    )  # fmt: skip
+    )
 
 
 # -- writing ---------------------------------------------------------------------------------
 _TOKENIZER_KEYS = (
-    "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
-    "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id",
-    "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id",
-    "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token",
-    "tokenizer.ggml.add_space_prefix", "tokenizer.chat_template",
-)  # fmt: skip
+    "tokenizer.ggml.model",
+    "tokenizer.ggml.pre",
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.merges",
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.unknown_token_id",
+    "tokenizer.ggml.padding_token_id",
+    "tokenizer.ggml.add_bos_token",
+    "tokenizer.ggml.add_space_prefix",
+    "tokenizer.chat_template",
+)
 
 
 def _vocabulary(source: Path) -> tuple[dict[str, tuple], int]:
     """The tokenizer metadata of GGUF file `source` ({key: (value, types)}) and its size."""
     reader = gguf.GGUFReader(source)
-    fields = {k: (reader.fields[k].contents(), reader.fields[k].types) for k in _TOKENIZER_KEYS
-              if k in reader.fields}  # fmt: skip
+    fields = {
+        k: (reader.fields[k].contents(), reader.fields[k].types)
+        for k in _TOKENIZER_KEYS
+        if k in reader.fields
+    }
     return fields, len(fields["tokenizer.ggml.tokens"][0])
 
 

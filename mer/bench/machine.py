@@ -1,71 +1,99 @@
 """The machine a benchmark runs on: what it is, how busy others keep it, what its disk reads.
 
 Machines are shared: a trial is only worth keeping if nothing else ran beside it. `Share`
-reads the whole machine's busy time (/proc/stat, steal time included: a virtual machine's
-neighbours take CPU that way) before and after a trial, subtracts the CPU time of the
-processes the benchmark itself runs, and gives the rest as a share of all CPUs over the
-trial's wall time.
+reads, before and after a trial, the CPU time of every user-space process (/proc/PID/stat:
+user and system time, with that of the children each has reaped) and the time the
+hypervisor took from this virtual machine (steal, /proc/stat). Others' share is the growth
+of that time outside the benchmark (this process, the processes it names and all their
+descendants), over all CPUs and the trial's wall time.
+
+Kernel threads and interrupt time are left out on purpose: in a disk-bound trial they are
+mostly the benchmark's own reads being completed and its page cache being reclaimed
+(kworker, kswapd, softirq), and counting them threw away every trial that read the disk.
+A process that ends during a trial is counted through its parent, whose reaped time grows by
+all of that process's time; what it had used before the trial is taken off again.
 """
 
 from __future__ import annotations
 
 import os
 import platform
-import resource
 import time
 from pathlib import Path
 
 TICK = os.sysconf("SC_CLK_TCK")
 CPUS = os.cpu_count() or 1
+_PF_KTHREAD = 0x00200000
 
 
-def machine_busy_s() -> float:
-    """CPU seconds all CPUs spent not idle since boot (user, nice, system, irq, softirq,
-    steal)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    return (user + nice + system + irq + softirq + steal) / TICK
+def steal_s() -> float:
+    """CPU seconds the hypervisor gave to other guests since boot."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return int(fields[7]) / TICK if len(fields) > 7 else 0.0
 
 
-def process_cpu_s(pid: int) -> float:
-    """CPU seconds process `pid` has used (0 if it is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+def processes() -> dict[int, tuple[int, int, float]]:
+    """Every user-space process: pid -> (parent pid, start time in ticks, CPU seconds of it
+    and of the children it has reaped)."""
+    table = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if int(fields[6]) & _PF_KTHREAD:
+            continue
+        cpu = sum(int(v) for v in fields[11:15]) / TICK  # utime stime cutime cstime
+        table[int(entry.name)] = (int(fields[1]), int(fields[19]), cpu)
+    return table
 
 
-def own_cpu_s() -> float:
-    """CPU seconds of this process and its waited-for children."""
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+def descendants(table: dict[int, tuple[int, int, float]], roots: set[int]) -> set[int]:
+    """`roots` and every process below them in `table`."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, ()))
+    return found
 
 
 class Share:
     """`with Share(pids) as s: ...` then `s.others`: the share of all CPUs (0..1) that
-    processes other than this one, its children and `pids` used during the block."""
+    processes other than this one, `pids` and their descendants used during the block (with
+    the time the hypervisor stole)."""
 
     def __init__(self, pids: list[int] | tuple[int, ...] = ()) -> None:
         self.pids = list(pids)
         self.others = 0.0
         self.wall_s = 0.0
 
-    def _sample(self) -> tuple[float, float, float, float]:
-        ours = own_cpu_s() + sum(process_cpu_s(p) for p in self.pids)
-        return time.monotonic(), machine_busy_s(), ours, 0.0
-
     def __enter__(self) -> Share:
-        self._start = self._sample()
+        self._t0, self._steal0, self._table0 = time.monotonic(), steal_s(), processes()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        t1, busy1, ours1, _ = self._sample()
-        t0, busy0, ours0, _ = self._start
-        self.wall_s = t1 - t0
-        other = (busy1 - busy0) - (ours1 - ours0)
+        table = processes()
+        self.wall_s = time.monotonic() - self._t0
+        roots = {os.getpid(), *self.pids}
+        ours = descendants(self._table0, roots) | descendants(table, roots)
+        other = steal_s() - self._steal0
+        for pid, (_, started, cpu) in table.items():
+            if pid in ours:
+                continue
+            before = self._table0.get(pid)
+            other += cpu - (before[2] if before and before[1] == started else 0.0)
+        for pid, (_, started, cpu) in self._table0.items():
+            if pid not in ours and table.get(pid, (0, -1))[1] != started:
+                other -= cpu  # reaped: its parent's reaped time grew by all of it
         self.others = max(0.0, other / (self.wall_s * CPUS)) if self.wall_s > 0 else 0.0
 
 

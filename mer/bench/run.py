@@ -140,8 +140,8 @@ def _ratios(p: sc.Plan, fig: dict, report: dict) -> None:
             pre_m = _median(ram.get(f"{name} | mer"), "prefill_tok_s")
             pre_t = _median(ram.get(f"{name} | {peer}"), "prefill_tok_s")
             fig.setdefault("ram_ratios", {})[f"{name} | mer / {peer}"] = {
-                "decode": mer / theirs if mer and theirs else None,
-                "prefill": pre_m / pre_t if pre_m and pre_t else None,
+                "decode": _ratio(mer, theirs),
+                "prefill": _ratio(pre_m, pre_t),
             }
     disk = fig["disk"]
     if not disk:
@@ -168,18 +168,21 @@ def _ratios(p: sc.Plan, fig: dict, report: dict) -> None:
         if s:
             derived["mer_over_bound_serial"] = s / derived["bound_serial_s"]
             derived["mer_over_bound_overlapped"] = s / derived["bound_overlapped_s"]
-    if m and llama:
-        derived["speedup_over_llama_mmap"] = _median(llama, "decode_s_per_token") / _median(
-            m, "decode_s_per_token"
-        )
-    if m and plain:
-        derived["bytes_over_no_read_ahead"] = _median(m, "bytes_per_token") / _median(
-            plain, "bytes_per_token"
-        )
-    if m and belady:
-        derived["bytes_over_belady"] = _median(m, "bytes_per_token") / belady
+    speed = _ratio(_median(llama, "decode_s_per_token"), _median(m, "decode_s_per_token"))
+    if speed is not None:
+        derived["speedup_over_llama_mmap"] = speed
+    more = _ratio(_median(m, "bytes_per_token"), _median(plain, "bytes_per_token"))
+    if more is not None:
+        derived["bytes_over_no_read_ahead"] = more
+    if _ratio(_median(m, "bytes_per_token"), belady) is not None:
+        derived["bytes_over_belady"] = _ratio(_median(m, "bytes_per_token"), belady)
     derived["prefetch_precision"] = _median(m, "prefetch_precision")
     fig["disk_ratios"] = derived
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing (no clean trial) or b is 0."""
+    return a / b if a is not None and b else None
 
 
 def resident_compute_s(p: sc.Plan, fig: dict) -> float | None:

@@ -219,6 +219,8 @@ class ExpertCache:
         self._by_layer: dict[int, dict[int, _Entry]] = {}  # resident entries per layer
         self._order: dict[int, list[tuple[float, int, int]]] = {}  # layer -> (p, -last_use, e)
         self._free = list(range(n_slots - 1, -1, -1))
+        self._at: dict[int, ExpertKey] = {}  # slot -> the expert in it
+        self.vacated: list[int] = []  # slots beyond a shrunk budget that emptied (resize)
         self._need: dict[ExpertKey, float] = {}
         self._layers: dict[int, _LayerStats] = {}
         self._current: int | None = None  # the layer being served
@@ -241,6 +243,68 @@ class ExpertCache:
 
     def resident(self) -> list[ExpertKey]:
         return list(self._entries)
+
+    def key_at(self, slot: int) -> ExpertKey | None:
+        """The expert in `slot` (ready or loading), or None."""
+        return self._at.get(slot)
+
+    # -- changes of budget and restarts ------------------------------------------------------
+    def resize(self, n_slots: int, pin_budget: int | None = None) -> None:
+        """Use slots 0..n_slots-1 from now on (and pin up to `pin_budget` experts). Growing
+        adds free slots; shrinking evicts what sits beyond the new end now, or, if it is
+        leased or loading, as soon as it is released and evicted: each slot beyond the end
+        that empties is listed in `vacated` (its memory can go)."""
+        if n_slots < 1:
+            raise ValueError("n_slots must be at least 1")
+        old, self.n_slots = self.n_slots, n_slots
+        if pin_budget is not None:
+            self.pin_budget = pin_budget
+        self.pin_budget = min(self.pin_budget, n_slots - 1)
+        self._pins = None
+        if n_slots > old:
+            taken = set(self._at)
+            self._free[:0] = [s for s in range(n_slots - 1, old - 1, -1) if s not in taken]
+            return
+        gone = [s for s in self._free if s >= n_slots]
+        self._free = [s for s in self._free if s < n_slots]
+        self.vacated += gone
+        for slot in sorted(s for s in self._at if s >= n_slots):
+            entry = self._entries[self._at[slot]]
+            if entry.ready and not entry.leases:
+                self._drop(entry.key)
+
+    def restore(self, key: ExpertKey, slot: int, leases: int = 0) -> None:
+        """After a restart: `key` is ready in `slot` (taken from the free slots) with
+        `leases` leases."""
+        self._free.remove(slot)
+        self._see(*key)
+        self._add(_Entry(key, slot, ready=True, leases=leases))
+
+    def hold(self, slot: int) -> None:
+        """After a restart: keep `slot` out of use until `unhold` (a read into it may still
+        be landing)."""
+        self._free.remove(slot)
+
+    def unhold(self, slot: int) -> None:
+        if slot < self.n_slots:
+            self._free.append(slot)
+        else:
+            self.vacated.append(slot)
+
+    def reclaim_leases(self) -> int:
+        """Forget every lease (their holder is gone); how many there were."""
+        n = 0
+        for entry in self._entries.values():
+            n += entry.leases
+            entry.leases = 0
+        self._evict_beyond_end()
+        return n
+
+    def _evict_beyond_end(self) -> None:
+        for slot in [s for s in self._at if s >= self.n_slots]:
+            entry = self._entries[self._at[slot]]
+            if entry.ready and not entry.leases:
+                self._drop(entry.key)
 
     def share(self, key: ExpertKey) -> float:
         """The decayed fraction of its layer's finished visits that used `key`."""
@@ -366,6 +430,8 @@ class ExpertCache:
                 entry.ready = True
                 if key[1] in self._layers[key[0]].hot:
                     self._pins = None
+            if entry.slot >= self.n_slots and not entry.leases:
+                self._drop(key)  # beyond a shrunk budget: its slot goes
         else:
             self._drop(key)
 
@@ -374,6 +440,8 @@ class ExpertCache:
         if entry.leases <= 0:
             raise ValueError(f"release of {key} without a lease")
         entry.leases -= 1
+        if entry.slot >= self.n_slots and not entry.leases and entry.ready:
+            self._drop(key)  # beyond a shrunk budget: its slot goes
 
     # -- prediction and prefetch -----------------------------------------------------------
     def hint(self, needs: dict[ExpertKey, float]) -> None:
@@ -503,7 +571,7 @@ class ExpertCache:
             self.stats.prefetch_wasted += 1
         self.stats.evictions += 1
         self._drop(victim)
-        return self._free.pop()
+        return self._free.pop() if self._free else None  # (a slot beyond a shrunk end goes)
 
     def _rerank(self, entry: _Entry) -> None:
         """Move `entry` to its place in its layer's order after its p or last use changed."""
@@ -518,6 +586,7 @@ class ExpertCache:
     def _add(self, entry: _Entry) -> None:
         layer, expert = entry.key
         self._entries[entry.key] = entry
+        self._at[entry.slot] = entry.key
         self._by_layer.setdefault(layer, {})[expert] = entry
         self._rerank(entry)
 
@@ -535,4 +604,8 @@ class ExpertCache:
             if order is not None and entry.rank is not None:
                 del order[bisect.bisect_left(order, entry.rank)]
         entry.rank = None
-        self._free.append(entry.slot)
+        del self._at[entry.slot]
+        if entry.slot < self.n_slots:
+            self._free.append(entry.slot)
+        else:
+            self.vacated.append(entry.slot)

@@ -1,8 +1,11 @@
 """Experts streamed from disk through the RAM cache during the forward pass.
 
-`ExpertStreamer` ties together an arena of slots (`mer.io.arena`), the cache policy
-(`ExpertCache`), one reader per source file (`ExpertReader`: io_uring, preadv or buffered)
-and the predictors. For each MoE layer the forward pass calls `run(layer, ids, fn, ahead)`:
+`ExpertStreamer` ties together an arena of slots (`mer.io.arena`), the RAM tier (`CacheTier`:
+the cache policy, reads in flight, read-ahead admission), one reader per source file
+(`ExpertReader`: io_uring, preadv or buffered) and the predictors (`Lookahead`), all in this
+process: `mer generate`'s way. The service splits the same parts over actors (the tier in the
+cache actor, the readers in io actors, the predictors in the engine: `mer.cache.remote`).
+For each MoE layer the forward pass calls `run(layer, ids, fn, ahead)`:
 
 1. every chosen expert is leased; misses are read at once, many reads in flight;
 2. read-ahead for the next layer is admitted from `ahead` (`predict_next`'s candidates);
@@ -29,14 +32,14 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from mer.cache.expert_cache import CacheFullError, ExpertCache, ExpertKey, Status
-from mer.cache.predict import MarkovPredictor, PredictorStats
-from mer.cache.readahead import Candidate, GateCalibration, WasteBudget, admit, gate_ranks
+from mer.cache.expert_cache import ExpertKey, Status
+from mer.cache.lookahead import Lookahead
+from mer.cache.readahead import Candidate
 from mer.cache.sources import ExpertSource
+from mer.cache.tier import CacheTier
 from mer.cache.trace import belady_hits
 from mer.errors import MerError
 from mer.io.arena import ALIGN, Arena
@@ -44,37 +47,6 @@ from mer.io.reader import ExpertReader, ExpertReadError, ReadRequest, ReadResult
 from mer.models.weights import ExpertWeights
 
 logger = logging.getLogger(__name__)
-_LATENCIES = 4096  # cold-read latencies kept for percentiles
-
-
-@dataclass
-class _Flight:
-    """An expert whose segments are being read."""
-
-    key: ExpertKey
-    remaining: int
-    nbytes: int
-    started: float
-    demand: bool  # somebody waits for it (a read-ahead becomes demand when acquired)
-    cold: bool  # issued on demand: its latency is a cold read's
-    error: ExpertReadError | None = None
-    acquired: float | None = None  # when a read-ahead in flight was acquired (an in-flight hit)
-
-
-@dataclass
-class StreamStats:
-    """Counters of the streaming tier (the cache's own counters are in `cache.stats`)."""
-
-    steps: int = 0  # forward passes (each visits every layer once)
-    tokens: int = 0  # tokens those passes processed
-    demand_reads: int = 0
-    prefetch_reads: int = 0
-    bytes_read: int = 0
-    read_busy_s: float = 0.0  # wall time with at least one read in flight
-    stall_s: float = 0.0  # time the forward pass waited for demand reads
-    inflight_wait_s: float = 0.0  # time from acquiring a read-ahead in flight to its arrival
-    cold_read_ms: deque = field(default_factory=lambda: deque(maxlen=_LATENCIES))
-    gate: PredictorStats = field(default_factory=PredictorStats)
 
 
 class ExpertStreamer:
@@ -94,14 +66,8 @@ class ExpertStreamer:
     ) -> None:
         self.source = source
         self.k = n_experts_per_tok
-        slot = source.slot_bytes
-        # never more slots than experts: a budget above the model's size holds all of it
-        n_slots = min(int(cache_bytes) // slot, source.n_layers * source.n_experts)
-        if n_slots < 1:
-            raise MerError(
-                f"cache budget of {int(cache_bytes)} bytes holds no expert (one needs {slot} bytes)"
-            )
-        self.arena = Arena(ALIGN + n_slots * slot, slot)
+        n_slots = slots_for(source, cache_bytes)
+        self.arena = Arena(ALIGN + n_slots * source.slot_bytes, source.slot_bytes)
         self.readers: list[ExpertReader] = []
         self._mem = _Resources(self.arena, self.readers)
         self._finalizer = weakref.finalize(self, self._mem.close)
@@ -114,75 +80,44 @@ class ExpertStreamer:
             self._finalizer()
             raise
         self.backend = self.readers[0].backend
-        pin = min(int(n_slots * pin_fraction), n_slots - 1)
-        self.cache = ExpertCache(n_slots, pin_budget=pin, n_layers=source.n_layers)
-        self.prefetch_enabled = prefetch
-        self.markov = MarkovPredictor(source.n_layers, source.n_experts)
-        self.stats = StreamStats()
-        self._flights: dict[ExpertKey, _Flight] = {}
-        self.calibration = GateCalibration(n_experts_per_tok)
-        self.budget = WasteBudget()
-        self._gate_ranks: dict[int, dict[int, int]] = {}  # layer -> its predicted experts
-        self._hint: dict[ExpertKey, float] = {}
+        self.tier = CacheTier(
+            source, n_slots, prefetch=prefetch, pin_fraction=pin_fraction, max_reads=queue_depth
+        )
+        self.lookahead = Lookahead(source, n_experts_per_tok)
+        self.stall_s = 0.0  # time the forward pass waited for demand reads
+        self._segments_left: dict[ExpertKey, int] = {}
+        self._errors: dict[ExpertKey, ExpertReadError] = {}
         self._cpu_s = 0.0  # moving average of a layer's CPU time: the disk's idle window
         self._run_started: float | None = None
         self._run_stalled = 0.0
-        self._busy_since: float | None = None
-        self._accesses: list[ExpertKey] = []  # the routing so far, for Belady's bytes
+
+    @property
+    def cache(self):
+        """The cache policy (`ExpertCache`)."""
+        return self.tier.cache
 
     # -- the forward pass's entry points -----------------------------------------------------
     def observe(self, layer: int, ids: Iterable[int], n_tokens: int) -> None:
         """The experts layer `layer` chose for this step of `n_tokens` tokens: scores and
-        trains the predictors."""
-        if layer == 0:
-            self.stats.steps += 1
-            self.stats.tokens += n_tokens
-        actual = {int(e) for e in ids}
-        self._accesses += [(layer, e) for e in sorted(actual)]
-        if self.source.n_experts == 1:  # a dense FFN: nothing to predict
-            return
-        predicted = self._gate_ranks.pop(layer, None)
-        if predicted is not None:
-            self.stats.gate.update(predicted, actual)
-            self.calibration.update(predicted, actual)
-        self.markov.observe(layer, actual)
+        trains the predictors (`mer.cache.lookahead`)."""
+        self.lookahead.observe(layer, ids, n_tokens)
 
     def predict_next(
         self, layer: int, h: np.ndarray, next_router: np.ndarray | None
     ) -> list[Candidate]:
-        """Read-ahead candidates for the layer after `layer` (layer 0 of the next step after
-        the last layer): the next layer's router applied to this layer's hidden state `h`
-        (the gate lookahead), each with the measured precision of its rank; after the last
-        layer, the Markov chain's estimate for the next step's first layer.
-
-        Only the gate lookahead is passed on to the cache's eviction score (`hint`): the cache
-        keeps its own per-expert Markov estimate, which a hint would override, and hinting the
-        Markov chain's estimate measured lower hit rates (bench/cache.py)."""
-        nxt = (layer + 1) % self.source.n_layers
-        self._hint = {}
-        if self.source.n_experts == 1:  # dense FFNs: the next one is always needed
-            self._hint = {(nxt, 0): 1.0}
-            return [self._candidate((nxt, 0), 1.0)]
-        if nxt > layer and next_router is not None:
-            ranks = gate_ranks(h, next_router, self.k)
-            self._gate_ranks[nxt] = ranks
-            self._hint = {(nxt, e): self.calibration.probability(r) for e, r in ranks.items()}
-            return [self._candidate(key, p) for key, p in self._hint.items()]
-        return [self._candidate((nxt, e), p) for e, p in self.markov.predict(nxt).items()]
-
-    def _candidate(self, key: ExpertKey, p: float) -> Candidate:
-        return Candidate(key, p, sum(seg.length for seg in self.source.segments(key)))
+        """Read-ahead candidates for the layer after `layer` (`Lookahead.predict_next`)."""
+        return self.lookahead.predict_next(layer, h, next_router)
 
     def run(
         self,
         layer: int,
         ids: Iterable[int],
-        fn: Callable[[int, ExpertWeights], None],
+        fn: Callable[[int, ExpertWeights, int], None],
         ahead: list[Candidate] | None = None,
     ) -> None:
-        """Call fn(expert, weights) once for each expert id of `layer` in `ids`, in any order,
-        with the expert's weights resident for the duration of the call; then consider the
-        read-ahead candidates `ahead` (`predict_next`)."""
+        """Call fn(expert, weights, slot) once for each expert id of `layer` in `ids`, in any
+        order, with the expert's weights resident in arena slot `slot` for the duration of
+        the call; then consider the read-ahead candidates `ahead` (`predict_next`)."""
         todo = deque(int(e) for e in ids)
         ready: deque[ExpertKey] = deque()
         waiting: set[ExpertKey] = set()
@@ -194,14 +129,14 @@ class ExpertStreamer:
         self._harvest(block=False)
         try:
             self._lease(layer, todo, ready, waiting, leased)
-            if ahead and self.prefetch_enabled:
+            if ahead:
                 self._prefetch(ahead)
             while todo or ready or waiting:
                 done: list[ExpertKey] = []
                 if ready:
                     key = ready.popleft()
-                    fn(key[1], self._weights(key))
-                    self.cache.release(key)
+                    fn(key[1], self._weights(key), self.cache.slot_of(key))
+                    self.tier.release(key)
                     leased.remove(key)
                     done = self._harvest(block=False) if self.busy else []
                 elif self.busy:
@@ -223,14 +158,14 @@ class ExpertStreamer:
             raise
         finally:
             for key in leased:
-                self.cache.release(key)
-        self.stats.stall_s += stalled
+                self.tier.release(key)
+        self.stall_s += stalled
         self._run_started, self._run_stalled = began, stalled
 
     # -- internals ------------------------------------------------------------------------
     @property
     def busy(self) -> bool:
-        return bool(self._flights)
+        return self.tier.busy
 
     def _weights(self, key: ExpertKey) -> ExpertWeights:
         """The kernel-ready weights of a ready expert. Zero-copy sources (a store) give views
@@ -252,57 +187,40 @@ class ExpertStreamer:
     def _lease(self, layer, todo, ready, waiting, leased) -> None:
         while todo:
             key = (layer, todo[0])
-            try:
-                status, slot = self.cache.acquire(key)
-            except CacheFullError:
-                return
+            got = self.tier.acquire(key)
+            if got is None:
+                break
             todo.popleft()
             leased.append(key)
-            if status is Status.HIT:
+            if got[0] is Status.HIT:
                 ready.append(key)
-                continue
-            waiting.add(key)
-            if status is Status.MISS:
-                self._read(key, slot, demand=True)
-            else:  # a read-ahead in flight: now somebody waits for it
-                flight = self._flights[key]
-                flight.demand = True
-                flight.acquired = time.perf_counter()
+            else:
+                waiting.add(key)
+        self._issue()
 
     def _prefetch(self, candidates: list[Candidate]) -> None:
-        self.cache.hint(self._hint)
-        s = self.stats
-        if not s.read_busy_s:  # no read speed measured yet
-            return
-        depth = self.readers[0].queue_depth
-        for c in admit(candidates, self._cpu_s, s.bytes_read / s.read_busy_s, self.budget):
-            if len(self._flights) >= depth:
-                break
-            slot = self.cache.prefetch(c.key, c.p)
-            if slot is not None:
-                self._read(c.key, slot, demand=False)
+        self.tier.read_ahead(candidates, self.lookahead.hint, self._cpu_s)
+        self._issue()
 
-    def _read(self, key: ExpertKey, slot: int, demand: bool) -> None:
-        self._mem.decoded.pop(slot, None)  # the slot is about to hold other bytes
-        segments = self.source.segments(key)
-        now = time.perf_counter()
-        if not self._flights:
-            self._busy_since = now
-        flight = _Flight(key, len(segments), sum(s.length for s in segments), now, demand, demand)
-        self._flights[key] = flight
-        self.budget.earn()
-        if demand:
-            self.stats.demand_reads += 1
-        else:
-            self.stats.prefetch_reads += 1
-        for i, seg in enumerate(segments):
-            self.readers[seg.file].submit(
-                [
-                    ReadRequest(
-                        seg.offset, seg.length, self.arena, slot, seg.expected, (key, i), seg.into
-                    )
-                ]
-            )
+    def _issue(self) -> None:
+        """Hand the tier's read orders to the readers."""
+        for order in self.tier.take_orders():
+            self._mem.decoded.pop(order.slot, None)  # the slot is about to hold other bytes
+            self._segments_left[order.key] = len(order.segments)
+            for i, seg in enumerate(order.segments):
+                self.readers[seg.file].submit(
+                    [
+                        ReadRequest(
+                            seg.offset,
+                            seg.length,
+                            self.arena,
+                            order.slot,
+                            seg.expected,
+                            (order.key, i),
+                            seg.into,
+                        )
+                    ]
+                )
 
     def _harvest(self, block: bool) -> list[ExpertKey]:
         """Finish reads that completed; with `block`, wait for at least one expert."""
@@ -317,122 +235,82 @@ class ExpertStreamer:
                 results = busy[0].poll(block=True)
             for res in results:
                 key = res.tag[0]
-                flight = self._flights[key]
-                flight.remaining -= 1
-                flight.error = flight.error or res.error
-                if flight.remaining == 0:
+                self._segments_left[key] -= 1
+                if res.error is not None:
+                    self._errors.setdefault(key, res.error)
+                if self._segments_left[key] == 0:
+                    del self._segments_left[key]
                     done.append(key)
-                    error = self._finish(flight) or error
+                    failed = self._errors.pop(key, None)
+                    if self.tier.read_done(key, failed) and failed is not None:
+                        error = error or failed
             if error is not None:
                 raise error
-            if done or not block or not self._flights:
+            if done or not block or not self.busy:
                 return done
-
-    def _finish(self, flight: _Flight) -> ExpertReadError | None:
-        """Hand a finished read to the cache; the error, if the forward pass waits for it."""
-        del self._flights[flight.key]
-        now = time.perf_counter()
-        if not self._flights and self._busy_since is not None:
-            self.stats.read_busy_s += now - self._busy_since
-            self._busy_since = None
-        if flight.error is not None:
-            self.cache.complete(flight.key, ok=False)
-            if flight.demand:
-                return flight.error
-            logger.warning("event=prefetch_failed expert=%s error=%s", flight.key, flight.error)
-            return None
-        self.stats.bytes_read += flight.nbytes
-        if flight.cold:
-            self.stats.cold_read_ms.append((now - flight.started) * 1e3)
-        if flight.acquired is not None:
-            self.stats.inflight_wait_s += now - flight.acquired
-        self.cache.complete(flight.key, ok=True)
-        return None
 
     # -- telemetry and shutdown --------------------------------------------------------------
     @property
     def accesses(self) -> int:
         """Expert uses so far (one per expert a layer visit chose)."""
-        return len(self._accesses)
+        return len(self.lookahead.accesses)
 
     def belady_bytes(self, from_access: int = 0) -> int:
         """Bytes Belady's MIN would have read for the routing so far with this cache's slots
         (the least any policy could read), counting its misses from use `from_access` on."""
-        hits = belady_hits(self._accesses, self.cache.n_slots)
+        accesses = self.lookahead.accesses
+        hits = belady_hits(accesses, self.cache.n_slots)
         return sum(
-            sum(seg.length for seg in self.source.segments(key))
-            for key, hit in zip(self._accesses[from_access:], hits[from_access:], strict=True)
+            self.tier.nbytes(key)
+            for key, hit in zip(accesses[from_access:], hits[from_access:], strict=True)
             if not hit
         )
 
     def sample_experts(self) -> list[ExpertWeights]:
         """One expert of each block-type mix the source holds, decoded from zeroed bytes: what
         the kernels will be given, for compiling them ahead of use."""
-        zeros = np.zeros(self.arena.slot_size, np.uint8)
-        seen: dict[tuple[str, ...], ExpertWeights] = {}
-        for layer in range(self.source.n_layers):
-            for e in range(self.source.n_experts):
-                kinds = self.source.kinds((layer, e))
-                if kinds not in seen:
-                    seen[kinds] = self.source.decode((layer, e), zeros)
-        return list(seen.values())
+        return sample_experts(self.source)
 
     def telemetry(self) -> dict:
         """The streaming tier's figures (README: "What --stats reports" defines each): acquires
         that found the expert ready, found its read in flight, or missed, overall and per layer;
         bytes read (per token too) and read speed; stalls and cold-read latency; read-ahead
         precision, recall and waste; each predictor's precision and recall."""
-        c, s = self.cache.stats, self.stats
-        lat = np.array(s.cold_read_ms) if s.cold_read_ms else np.zeros(1)
-        layers = sorted(set(c.hits_by_layer) | set(c.pending_by_layer) | set(c.misses_by_layer))
-        slot = self.arena.slot_size
-        reads = s.demand_reads + s.prefetch_reads
         return {
             "backend": self.backend,
-            "slots": self.cache.n_slots,
-            "slot_bytes": slot,
-            "steps": s.steps,
-            "tokens": s.tokens,
-            "acquires": c.acquires,
-            "hits": c.hits,
-            "inflight_hits": c.pending_hits,
-            "misses": c.misses,
-            "hit_rate": c.hit_rate,
-            "inflight_hit_rate": c.pending_rate,
-            "miss_rate": c.misses / c.acquires if c.acquires else 0.0,
-            "inflight_wait_s": s.inflight_wait_s,
-            "per_layer": {
-                layer: {
-                    "hits": c.hits_by_layer.get(layer, 0),
-                    "inflight_hits": c.pending_by_layer.get(layer, 0),
-                    "misses": c.misses_by_layer.get(layer, 0),
-                }
-                for layer in layers
-            },
-            "demand_reads": s.demand_reads,
-            "prefetch_reads": s.prefetch_reads,
-            "bytes_read": s.bytes_read,
-            "bytes_per_token": s.bytes_read / s.tokens if s.tokens else 0.0,
-            "read_gbps": s.bytes_read / s.read_busy_s / 1e9 if s.read_busy_s else 0.0,
-            "read_busy_s": s.read_busy_s,
-            "stall_s": s.stall_s,
-            "cold_read_ms_p50": float(np.percentile(lat, 50)),
-            "cold_read_ms_p99": float(np.percentile(lat, 99)),
-            "prefetches": c.prefetches,
-            "prefetch_used": c.prefetch_used,
-            "prefetch_precision": c.prefetch_used / c.prefetches if c.prefetches else 0.0,
-            "prefetch_recall": c.prefetch_used / max(c.prefetch_used + c.misses, 1),
-            "prefetch_wasted_bytes": c.prefetch_wasted * s.bytes_read // max(reads, 1),
+            **self.lookahead.telemetry(),
+            **self.tier.telemetry(self.lookahead.tokens),
+            "stall_s": self.stall_s,
             "belady_bytes": self.belady_bytes(),
-            "gate_precision": s.gate.precision,
-            "gate_recall": s.gate.recall,
-            "markov_precision": self.markov.stats.precision,
-            "markov_recall": self.markov.stats.recall,
         }
 
     def close(self) -> None:
         """Wait for reads in flight, close the readers and free the arena."""
         self._finalizer()
+
+
+def slots_for(source: ExpertSource, cache_bytes: int) -> int:
+    """Slots a budget of `cache_bytes` holds: never more than the source has experts (a
+    budget above the model's size holds all of it), never none."""
+    n_slots = min(int(cache_bytes) // source.slot_bytes, source.n_layers * source.n_experts)
+    if n_slots < 1:
+        raise MerError(
+            f"cache budget of {int(cache_bytes)} bytes holds no expert "
+            f"(one needs {source.slot_bytes} bytes)"
+        )
+    return n_slots
+
+
+def sample_experts(source: ExpertSource) -> list[ExpertWeights]:
+    """One expert of each block-type mix `source` holds, decoded from zeroed bytes."""
+    zeros = np.zeros(source.slot_bytes, np.uint8)
+    seen: dict[tuple[str, ...], ExpertWeights] = {}
+    for layer in range(source.n_layers):
+        for e in range(source.n_experts):
+            kinds = source.kinds((layer, e))
+            if kinds not in seen:
+                seen[kinds] = source.decode((layer, e), zeros)
+    return list(seen.values())
 
 
 class _Resources:

@@ -21,6 +21,7 @@ from mer.cli.bench import add_bench
 from mer.cli.common import EXIT_FLAG, FlagError, Interrupted, Parser, parse_size
 from mer.cli.files import add_convert, add_trace, run_models
 from mer.cli.generate import add_generate
+from mer.cli.serve import add_serve
 from mer.cli.synth import add_synth
 from mer.errors import MerError, os_error_text
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_trace(sub)
     add_synth(sub)
     add_bench(sub)
+    add_serve(sub)
     return parser
 
 

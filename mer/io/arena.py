@@ -23,6 +23,8 @@ from mer.errors import MerError
 from mer.io import shm as shm_names
 
 ALIGN = 4096
+_PUNCH_HOLE, _KEEP_SIZE = 0x02, 0x01  # fallocate(2) modes
+_LIBC = ctypes.CDLL(None, use_errno=True)
 _MAGIC = 0x4D45524152454E41  # "MERARENA": marks the header page that makes `attach(name)` work
 
 
@@ -37,7 +39,10 @@ class Arena:
     `Arena(budget_bytes, slot_bytes)` makes slots of `slot_bytes` rounded up to 4 KiB, as many as
     fit in the budget after a one-page header (magic, slot size, slot count) that lets
     `Arena.attach(name)` rebuild the layout. Creation pre-faults every page so the first read into
-    a slot does not pay for page faults. The creator `unlink()`s the region when done (leaving the
+    a slot does not pay for page faults. With `capacity_slots` above what the budget holds, the
+    region has room for that many slots but only the budget's are backed by memory: a cache
+    budget then grows (`reserve`) and shrinks (`discard`) while every process keeps its
+    mapping. The creator `unlink()`s the region when done (leaving the
     `with` block does it); attached processes only `close()`. The region is named after its
     owner (`mer.io.shm`: this process unless `owner` says otherwise), so that a later mer start
     removes it if the owner is killed before it can unlink it.
@@ -50,6 +55,7 @@ class Arena:
         *,
         name: str | None = None,
         owner: shm_names.Owner | None = None,
+        capacity_slots: int | None = None,
     ) -> None:
         if slot_bytes <= 0:
             raise MerError(f"arena slot size must be positive, got {slot_bytes} bytes")
@@ -57,7 +63,8 @@ class Arena:
         n_slots = (budget_bytes - ALIGN) // slot_size
         if n_slots < 1:
             raise MerError(f"arena budget of {budget_bytes} bytes holds no {slot_size}-byte slot")
-        size = ALIGN + n_slots * slot_size
+        capacity = max(n_slots, capacity_slots or 0)
+        size = ALIGN + capacity * slot_size
         shm_names.sweep_orphans()  # dead owners' arenas would count against /dev/shm's room
         try:
             shm = shm_names.create(name or shm_names.segment_name("arena", owner), size)
@@ -65,23 +72,46 @@ class Arena:
             raise MerError(
                 f"cannot create a shared-memory arena of {size / 2**20:.1f} MiB: {e.strerror}"
             ) from e
+        self._setup(shm, owner=True)
+        np.frombuffer(self._buf, dtype=np.uint64, count=3)[:] = (_MAGIC, slot_size, capacity)
+        self._read_header()
         try:
-            # Reserve the pages now: an overfull /dev/shm is then ENOSPC here, not SIGBUS later.
-            os.posix_fallocate(shm._fd, 0, size)  # type: ignore[attr-defined]
-        except OSError as e:
-            shm.close()
+            self.reserve(0, n_slots)
+        except MerError:
+            self.close()
             shm_names.unlink(shm.name)
+            raise
+
+    def reserve(self, first: int, last: int) -> None:
+        """Back slots first..last-1 with memory (an arena made with room for more slots than
+        its budget is sparse beyond it): an overfull /dev/shm is then ENOSPC here, not SIGBUS
+        later. The pages are allocated (zeroed) now and read once, so the first read into a
+        slot does not pay for page faults; bytes already there are kept."""
+        start = 0 if first == 0 else ALIGN + first * self.slot_size
+        end = ALIGN + last * self.slot_size
+        if end <= start:
+            return
+        try:
+            os.posix_fallocate(self._shm._fd, start, end - start)  # type: ignore[attr-defined]
+        except OSError as e:
             raise MerError(
-                f"cannot reserve {size / 2**20:.1f} MiB of shared memory in "
+                f"cannot reserve {(end - start) / 2**20:.1f} MiB of shared memory in "
                 f"{shm_names.SHM_DIR}: {e.strerror} (choose a smaller cache budget)"
             ) from e
-        self._setup(shm, owner=True)
-        # First touch of fresh memory is slow; pay it now, one byte per 4 KiB page.
-        pages = np.frombuffer(self._buf, dtype=np.uint8)[::ALIGN]
-        pages[:] = 0
+        pages = np.frombuffer(self._buf, dtype=np.uint8, count=end - start, offset=start)
+        int(pages[::ALIGN].sum())  # a read per page maps it here
         del pages
-        np.frombuffer(self._buf, dtype=np.uint64, count=3)[:] = (_MAGIC, slot_size, n_slots)
-        self._read_header()
+
+    def discard(self, first: int, last: int) -> None:
+        """Give the memory of slots first..last-1 back (their bytes read as zeros after)."""
+        if first >= last:
+            return
+        off, length = ALIGN + first * self.slot_size, (last - first) * self.slot_size
+        fd = self._shm._fd  # type: ignore[attr-defined]
+        mode = _PUNCH_HOLE | _KEEP_SIZE
+        if _LIBC.fallocate(fd, mode, ctypes.c_long(off), ctypes.c_long(length)) != 0:
+            err = ctypes.get_errno()
+            raise MerError(f"cannot free arena slots {first}..{last - 1}: {os.strerror(err)}")
 
     def _setup(self, shm: SharedMemory, *, owner: bool) -> None:
         self._shm = shm

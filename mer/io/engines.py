@@ -1,8 +1,10 @@
 """I/O engines behind ExpertReader: each starts reads into arena memory and reaps completions.
 
 An engine has `start(op, arena, buf_off, n, file_off)`, `flush()`, `reap(block) -> [(op, res)]`
-(res: bytes read, or -errno) and `close()`. `Threads` runs os.preadv on a thread pool (preadv
-releases the GIL); `Uring` issues io_uring READV requests whose iovecs point at arena memory.
+(res: bytes read, or -errno), `close()` and `event_fd`: an eventfd that turns readable when a
+read completes (so an actor can wait on it beside its sockets). `Threads` runs os.preadv on a
+thread pool (preadv releases the GIL); `Uring` issues io_uring READV requests whose iovecs
+point at arena memory.
 """
 
 from __future__ import annotations
@@ -45,9 +47,18 @@ class Threads:
         self._fd = fd
         self._pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="mer-io")
         self._futs: dict[Any, int] = {}
+        self.event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
     def start(self, op: int, arena: Arena, buf_off: int, n: int, file_off: int) -> None:
-        self._futs[self._pool.submit(_pread, self._fd, arena, buf_off, n, file_off)] = op
+        fut = self._pool.submit(_pread, self._fd, arena, buf_off, n, file_off)
+        self._futs[fut] = op
+        fut.add_done_callback(self._signal)
+
+    def _signal(self, _fut: Any) -> None:
+        try:
+            os.eventfd_write(self.event_fd, 1)
+        except OSError:  # closed meanwhile
+            pass
 
     def flush(self) -> None:
         pass
@@ -58,6 +69,7 @@ class Threads:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        os.close(self.event_fd)
 
 
 class Uring:
@@ -77,6 +89,8 @@ class Uring:
         self._fd = fd
         self._ring = liburing.Ring()
         liburing.io_uring_queue_init(depth, self._ring)
+        self.event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        liburing.io_uring_register_eventfd(self._ring, self.event_fd)
         self._cqe = liburing.Cqe()
         self._free = [_one_iovec() for _ in range(depth)]
         self._busy: dict[int, tuple[Any, Any]] = {}
@@ -119,6 +133,7 @@ class Uring:
 
     def close(self) -> None:
         liburing.io_uring_queue_exit(self._ring)
+        os.close(self.event_fd)
 
 
 def _iovec_entry(iov: Any) -> Any:

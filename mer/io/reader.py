@@ -193,6 +193,10 @@ class ExpertReader:
     def _error(self, offset: int, length: int, cause: str) -> ExpertReadError:
         return ExpertReadError(f"{self.path}: read of {length} bytes at offset {offset}: {cause}")
 
+    def fileno(self) -> int:
+        """An eventfd that turns readable when a read completes (read it to clear it)."""
+        return self._engine.event_fd
+
     @property
     def busy(self) -> bool:
         """True while submitted requests have not all finished."""

@@ -118,6 +118,23 @@ def _untracked(**kwargs: object) -> SharedMemory:
             resource_tracker.register = register
 
 
+def remove_owned(owner: Owner, directory: Path = SHM_DIR) -> int:
+    """Remove every mer segment `owner` owns (it is shutting down); how many."""
+    removed = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    for name in names:
+        if parse_owner(name) == owner:
+            try:
+                (directory / name).unlink()
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
 def sweep_orphans(directory: Path = SHM_DIR) -> tuple[int, int]:
     """Remove every mer segment whose owner is gone; (segments removed, their bytes).
 

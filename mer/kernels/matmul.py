@@ -30,6 +30,9 @@ _QUANT_KINDS = ("q8_0", "q4_0")
 _threads = numba.config.NUMBA_NUM_THREADS  # all cores until set_num_threads
 _policy = ThreadPolicy(_threads)  # how many of them each call gets
 _PAR_MIN_WORK = 1 << 18
+# Every token through the per-token path, so that a token's row does not depend on how many
+# others share the call (batch invariance); False lets prefill use the faster tiles.
+_per_token = True
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: compare by identity, never array-wise
@@ -202,14 +205,14 @@ def run_kernel(
     work = (r1 - r0) * (c1 - c0) * n
     # Below ~2^18 multiply-adds a parallel launch costs more than it saves.
     if _threads == 1 or work < _PAR_MIN_WORK:
-        kernel.run(w.planes, x, out, r0, r1, c0, c1, xoff, ooff, 1)
+        kernel.run(w.planes, x, out, r0, r1, c0, c1, xoff, ooff, 1, _per_token)
         return
     key = (w.kind, r1 - r0, c1 - c0, n.bit_length())
     nt = _policy.choose(key)
     if nt > 1 and numba.get_num_threads() != nt:
         numba.set_num_threads(nt)  # numba's setting is per calling thread
     start = time.perf_counter()
-    kernel.run(w.planes, x, out, r0, r1, c0, c1, xoff, ooff, nt)
+    kernel.run(w.planes, x, out, r0, r1, c0, c1, xoff, ooff, nt, _per_token)
     _policy.record(key, nt, work, time.perf_counter() - start)
 
 
@@ -246,6 +249,18 @@ def set_num_threads(n: int, adaptive: bool = True) -> None:
     _threads = int(n)
     _policy = ThreadPolicy(_threads, adaptive=adaptive)
     numba.set_num_threads(_threads)
+
+
+def set_batch_invariant(on: bool) -> None:
+    """With `on` (the default) a token's result does not depend on how many tokens share a
+    matmul: every token takes the per-token path. Off, prefill of many tokens runs faster
+    through dequantized tiles, and a token's last bits depend on its batch."""
+    global _per_token
+    _per_token = bool(on)
+
+
+def batch_invariant() -> bool:
+    return _per_token
 
 
 def get_num_threads() -> int:

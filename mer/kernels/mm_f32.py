@@ -119,9 +119,10 @@ def _matvec(w, x, out, r0, r1, c0, c1, xoff, ooff):
 
 
 @njit(cache=True, nogil=True, fastmath=FM)
-def _rows(w, x, out, r0, r1, c0, c1, xoff, ooff):
-    if x.shape[0] == 1:
-        _matvec(w, x, out, r0, r1, c0, c1, xoff, ooff)
+def _rows(w, x, out, r0, r1, c0, c1, xoff, ooff, per_token):
+    if x.shape[0] == 1 or per_token:  # each token alone: its result cannot depend on others
+        for t in range(x.shape[0]):
+            _matvec(w, x[t : t + 1], out[t : t + 1], r0, r1, c0, c1, xoff, ooff)
         return
     # n > 1: the weights are already float32, so tile them straight from the matrix.
     for g in range(r0, r1, ROW_GROUP):
@@ -132,11 +133,11 @@ def _rows(w, x, out, r0, r1, c0, c1, xoff, ooff):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _par(w, x, out, r0, r1, c0, c1, xoff, ooff, nt):
+def _par(w, x, out, r0, r1, c0, c1, xoff, ooff, nt, per_token):
     for c in prange(nt):
         a, b = chunk_bounds(r0, r1, c, nt)
         if b > a:
-            _rows(w, x, out, a, b, c0, c1, xoff, ooff)
+            _rows(w, x, out, a, b, c0, c1, xoff, ooff, per_token)
 
 
 def from_raw(raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, ...]:
@@ -165,9 +166,11 @@ def run(
     xoff: int,
     ooff: int,
     nt: int,
+    per_token: bool = False,
 ) -> None:
-    """out[:, r0-ooff:r1-ooff] = x[:, c0-xoff:c1-xoff] @ W[r0:r1, c0:c1].T on nt threads."""
+    """out[:, r0-ooff:r1-ooff] = x[:, c0-xoff:c1-xoff] @ W[r0:r1, c0:c1].T on nt threads;
+    `per_token`: the per-token path whatever the token count (batch invariance)."""
     if nt == 1:
-        _rows(planes[0], x, out, r0, r1, c0, c1, xoff, ooff)
+        _rows(planes[0], x, out, r0, r1, c0, c1, xoff, ooff, per_token)
     else:
-        _par(planes[0], x, out, r0, r1, c0, c1, xoff, ooff, nt)
+        _par(planes[0], x, out, r0, r1, c0, c1, xoff, ooff, nt, per_token)

@@ -68,9 +68,10 @@ def _matvec(w, x, out, r0, r1, c0, c1, xoff, ooff, bf):
 
 
 @njit(cache=True, nogil=True, fastmath=FM)
-def _rows(w, x, out, r0, r1, c0, c1, xoff, ooff, bf):
-    if x.shape[0] == 1:
-        _matvec(w, x, out, r0, r1, c0, c1, xoff, ooff, bf)
+def _rows(w, x, out, r0, r1, c0, c1, xoff, ooff, bf, per_token):
+    if x.shape[0] == 1 or per_token:  # each token alone: its result cannot depend on others
+        for t in range(x.shape[0]):
+            _matvec(w, x[t : t + 1], out[t : t + 1], r0, r1, c0, c1, xoff, ooff, bf)
         return
     # n > 1: convert a [ROW_GROUP, COL_CHUNK] tile once, reuse it for every token.
     S = np.empty((ROW_GROUP, COL_CHUNK), np.float32)
@@ -87,11 +88,11 @@ def _rows(w, x, out, r0, r1, c0, c1, xoff, ooff, bf):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _par(w, x, out, r0, r1, c0, c1, xoff, ooff, nt, bf):
+def _par(w, x, out, r0, r1, c0, c1, xoff, ooff, nt, bf, per_token):
     for c in prange(nt):
         a, b = chunk_bounds(r0, r1, c, nt)
         if b > a:
-            _rows(w, x, out, a, b, c0, c1, xoff, ooff, bf)
+            _rows(w, x, out, a, b, c0, c1, xoff, ooff, bf, per_token)
 
 
 class _Half:
@@ -108,12 +109,13 @@ class _Half:
         return (raw.view(np.uint16).reshape(rows, cols),)
 
     @classmethod
-    def run(cls, planes, x, out, r0, r1, c0, c1, xoff, ooff, nt) -> None:
-        """out[:, r0-ooff:r1-ooff] = x[:, c0-xoff:c1-xoff] @ W[r0:r1, c0:c1].T on nt threads."""
+    def run(cls, planes, x, out, r0, r1, c0, c1, xoff, ooff, nt, per_token=False) -> None:
+        """out[:, r0-ooff:r1-ooff] = x[:, c0-xoff:c1-xoff] @ W[r0:r1, c0:c1].T on nt threads;
+        `per_token`: the per-token path whatever the token count (batch invariance)."""
         if nt == 1:
-            _rows(planes[0], x, out, r0, r1, c0, c1, xoff, ooff, cls.IS_BF16)
+            _rows(planes[0], x, out, r0, r1, c0, c1, xoff, ooff, cls.IS_BF16, per_token)
         else:
-            _par(planes[0], x, out, r0, r1, c0, c1, xoff, ooff, nt, cls.IS_BF16)
+            _par(planes[0], x, out, r0, r1, c0, c1, xoff, ooff, nt, cls.IS_BF16, per_token)
 
 
 class F16(_Half):

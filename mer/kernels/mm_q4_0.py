@@ -89,8 +89,9 @@ def _dot2(qa, qb, da, db, x, xs, c, m):
 
 @njit(cache=True, nogil=True, fastmath=FM)
 def _matvec(q, d, xt, out, r0, r1, b0, b1, ooff):
-    # xt: [n, 32, nb], n <= SMALL_N. Two rows per pass; each row pair is read from memory once
-    # (with prefetch for token 0, whose x stays loop-invariant) and decoded once per token.
+    # xt: [n, 32, nb]. Two rows per pass; each row pair is read from memory once (with
+    # prefetch) and decoded once per token. Every token's sum runs over the same chunks in
+    # the same order, so a token's result does not depend on the others in the call.
     # Nibbles are used unsigned; the -8 comes back as 8 * sum_j x per block.
     n, nb = xt.shape[0], b1 - b0
     xs = np.zeros((n, nb), np.float32)
@@ -102,26 +103,25 @@ def _matvec(q, d, xt, out, r0, r1, b0, b1, ooff):
     flat = q.reshape(-1)
     B = q.shape[2]
     big = flat.size > PF_MIN_BYTES  # smaller matrices are likely cached: skip the prefetches
-    x0, s0 = xt[0], xs[0]
+    acc = np.empty((n, 2), np.float32)
     for r in range(r0, r1, 2):
         ra, rb = r, min(r + 1, r1 - 1)
         qa, qb = q[ra, :, b0:b1], q[rb, :, b0:b1]
         da, db = d[ra, b0:b1], d[rb, b0:b1]
         pf = max(0, min(r + PF_ROWS, q.shape[0] - 2)) * 16 * B + b0
-        a0 = a1 = np.float32(0.0)
+        acc[:] = 0.0
         for c in range(0, nb, CHUNK):
             if big:  # rows pf, pf+1: one line per byte position covers the chunk
                 for j in range(32):
                     prefetch(flat, pf + j * B + c)
-            u0, u1 = _dot2(qa, qb, da, db, x0, s0, c, min(CHUNK, nb - c))
-            a0 += u0
-            a1 += u1
-        out[0, ra - ooff] = a0
-        out[0, rb - ooff] = a1  # rb == ra on an odd tail: the same value again
-        for t in range(1, n):
-            u0, u1 = _dot2(qa, qb, da, db, xt[t], xs[t], 0, nb)
-            out[t, ra - ooff] = u0
-            out[t, rb - ooff] = u1
+            m = min(CHUNK, nb - c)
+            for t in range(n):
+                u0, u1 = _dot2(qa, qb, da, db, xt[t], xs[t], c, m)
+                acc[t, 0] += u0
+                acc[t, 1] += u1
+        for t in range(n):
+            out[t, ra - ooff] = acc[t, 0]
+            out[t, rb - ooff] = acc[t, 1]  # rb == ra on an odd tail: the same value again
 
 
 @njit(inline="always")
@@ -197,6 +197,8 @@ def run(
     xoff: int,
     ooff: int,
     nt: int,
+    per_token: bool = False,
 ) -> None:
-    """out[:, r0-ooff:r1-ooff] = x[:, c0-xoff:c1-xoff] @ W[r0:r1, c0:c1].T on nt threads."""
-    run_blocks(_rows, _par, planes, x, out, r0, r1, c0, c1, xoff, ooff, nt)
+    """out[:, r0-ooff:r1-ooff] = x[:, c0-xoff:c1-xoff] @ W[r0:r1, c0:c1].T on nt threads;
+    `per_token`: the per-token path whatever the token count (batch invariance)."""
+    run_blocks(_rows, _par, planes, x, out, r0, r1, c0, c1, xoff, ooff, nt, per_token)

@@ -6,8 +6,9 @@
 # GGUF-sized. Quants are stored j-major inside each row, and the activations are transposed to
 # match once per call (xt[j, b] = x[32b+j], K floats). The decode loop then runs over b, 16
 # blocks per vector lane: contiguous bytes, one scale per lane, no per-block horizontal sum.
-# n <= SMALL_N: decode each row pair once per token straight from memory (with software
-# prefetch); n > SMALL_N: dequantize [ROW_GROUP, 32*cb] tiles and run the float32 GEMM tile.
+# n <= SMALL_N, or whenever batch invariance is asked for: decode each row pair once per token
+# straight from memory (with software prefetch), every token summed in the same order;
+# else (n > SMALL_N): dequantize [ROW_GROUP, 32*cb] tiles and run the float32 GEMM tile.
 from __future__ import annotations
 
 import numpy as np
@@ -84,32 +85,32 @@ def _dot2(qa, qb, da, db, x, c, m):
 
 @njit(cache=True, nogil=True, fastmath=FM)
 def _matvec(q, d, xt, out, r0, r1, b0, b1, ooff):
-    # xt: [n, 32, nb], n <= SMALL_N. Two rows per pass; each row pair is read from memory once
-    # (with prefetch for token 0, whose x stays loop-invariant) and decoded once per token.
+    # xt: [n, 32, nb]. Two rows per pass; each row pair is read from memory once (with
+    # prefetch) and decoded once per token. Every token's sum runs over the same chunks in
+    # the same order, so a token's result does not depend on the others in the call.
     n, nb = xt.shape[0], b1 - b0
     flat = q.reshape(-1)
     B = q.shape[2]
     big = flat.size > PF_MIN_BYTES  # smaller matrices are likely cached: skip the prefetches
-    x0 = xt[0]
+    acc = np.empty((n, 2), np.float32)
     for r in range(r0, r1, 2):
         ra, rb = r, min(r + 1, r1 - 1)
         qa, qb = q[ra, :, b0:b1], q[rb, :, b0:b1]
         da, db = d[ra, b0:b1], d[rb, b0:b1]
         pf = max(0, min(r + PF_ROWS, q.shape[0] - 2)) * 32 * B + b0
-        a0 = a1 = np.float32(0.0)
+        acc[:] = 0.0
         for c in range(0, nb, CHUNK):
             if big and c % 64 == 0:  # rows pf, pf+1: one line per position covers 64 blocks
                 for j in range(64):
                     prefetch(flat, pf + j * B + c)
-            u0, u1 = _dot2(qa, qb, da, db, x0, c, min(CHUNK, nb - c))
-            a0 += u0
-            a1 += u1
-        out[0, ra - ooff] = a0
-        out[0, rb - ooff] = a1  # rb == ra on an odd tail: the same value again
-        for t in range(1, n):
-            u0, u1 = _dot2(qa, qb, da, db, xt[t], 0, nb)
-            out[t, ra - ooff] = u0
-            out[t, rb - ooff] = u1
+            m = min(CHUNK, nb - c)
+            for t in range(n):
+                u0, u1 = _dot2(qa, qb, da, db, xt[t], c, m)
+                acc[t, 0] += u0
+                acc[t, 1] += u1
+        for t in range(n):
+            out[t, ra - ooff] = acc[t, 0]
+            out[t, rb - ooff] = acc[t, 1]  # rb == ra on an odd tail: the same value again
 
 
 @njit(inline="always")
@@ -178,19 +179,21 @@ def run(
     xoff: int,
     ooff: int,
     nt: int,
+    per_token: bool = False,
 ) -> None:
-    """out[:, r0-ooff:r1-ooff] = x[:, c0-xoff:c1-xoff] @ W[r0:r1, c0:c1].T on nt threads."""
-    run_blocks(_rows, _par, planes, x, out, r0, r1, c0, c1, xoff, ooff, nt)
+    """out[:, r0-ooff:r1-ooff] = x[:, c0-xoff:c1-xoff] @ W[r0:r1, c0:c1].T on nt threads;
+    `per_token`: the per-token path whatever the token count (batch invariance)."""
+    run_blocks(_rows, _par, planes, x, out, r0, r1, c0, c1, xoff, ooff, nt, per_token)
 
 
-def run_blocks(rows, par, planes, x, out, r0, r1, c0, c1, xoff, ooff, nt) -> None:
+def run_blocks(rows, par, planes, x, out, r0, r1, c0, c1, xoff, ooff, nt, per_token) -> None:
     """`run` for a kind stored as (quants, f16 scales) in blocks of 32 with activations
     transposed by `transpose_x` (Q8_0, Q4_0); `rows`/`par` are its serial/parallel kernels."""
     q, d = planes
     b0, b1 = c0 // 32, c1 // 32
     # The layout choice travels as an argument: numba's cache would not see an edited constant
     # in another module, and kernel and activations must agree on it.
-    cb = 0 if x.shape[0] <= SMALL_N else CHUNK_BLOCKS
+    cb = 0 if per_token or x.shape[0] <= SMALL_N else CHUNK_BLOCKS
     xt = transpose_x(x, xoff, b0, b1, cb if cb else b1 - b0)
     if nt == 1:
         rows(q, d, xt, out, r0, r1, b0, b1, ooff, cb)

@@ -101,19 +101,20 @@ def _gemm(planes, x, out, r0, r1, g0, g1, xoff, ooff, U):
 
 
 @njit(cache=True, nogil=True)
-def _rows(planes, x, out, r0, r1, g0, g1, xoff, ooff, U):
-    if x.shape[0] <= SMALL_N:
+def _rows(planes, x, out, r0, r1, g0, g1, xoff, ooff, U, per_token):
+    # _matvec runs each token through the same decode: batch-invariant; _gemm is not.
+    if per_token or x.shape[0] <= SMALL_N:
         _matvec(planes, x, out, r0, r1, g0, g1, xoff, ooff, U)
     else:
         _gemm(planes, x, out, r0, r1, g0, g1, xoff, ooff, U)
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _par(planes, x, out, r0, r1, g0, g1, xoff, ooff, U, nt):
+def _par(planes, x, out, r0, r1, g0, g1, xoff, ooff, U, nt, per_token):
     for c in prange(nt):
         a, b = chunk_bounds(r0, r1, c, nt)
         if b > a:
-            _rows(planes, x, out, a, b, g0, g1, xoff, ooff, U)
+            _rows(planes, x, out, a, b, g0, g1, xoff, ooff, U, per_token)
 
 
 class SubBlockKind:
@@ -171,13 +172,15 @@ class SubBlockKind:
         xoff: int,
         ooff: int,
         nt: int,
+        per_token: bool = False,
     ) -> None:
-        """out[:, r0-ooff:r1-ooff] = x[:, c0-xoff:c1-xoff] @ W[r0:r1, c0:c1].T on nt threads."""
+        """out[:, r0-ooff:r1-ooff] = x[:, c0-xoff:c1-xoff] @ W[r0:r1, c0:c1].T on nt threads;
+        `per_token`: the per-token path whatever the token count (batch invariance)."""
         args = (planes, x, out, r0, r1, c0 // 32, c1 // 32, xoff, ooff, planes[0].shape[1] // 16)
         if nt == 1:
-            _rows(*args)
+            _rows(*args, per_token)
         else:
-            _par(*args, nt)
+            _par(*args, nt, per_token)
 
 
 def half(blocks: np.ndarray, off: int) -> np.ndarray:

@@ -57,10 +57,13 @@ class ThreadPolicy:
         probe_budget: float = 0.01,
         max_probe_every: int = 1 << 16,
         margin: float = 0.1,
+        candidates: tuple[int, ...] | None = None,
     ) -> None:
         self.threads = threads
         self.adaptive = adaptive and threads > 1
-        self.candidates = sorted({1, threads} | ({threads // 2} if threads >= 4 else set()))
+        self.candidates = sorted(
+            candidates or {1, threads} | ({threads // 2} if threads >= 4 else set())
+        )
         self.probe_every = probe_every
         self.probe_budget = probe_budget
         self.max_probe_every = max_probe_every

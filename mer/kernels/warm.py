@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from mer.kernels.attention import attention
-from mer.kernels.matmul import _KINDS, PackedWeight, get_num_threads
+from mer.kernels.matmul import _KINDS, PackedWeight, batch_invariant, get_num_threads
 from mer.kernels.mm_f32 import SMALL_N
 from mer.kernels.rmsnorm import rmsnorm
 from mer.kernels.rope import apply_rope, rope_tables
@@ -48,10 +48,14 @@ def _matrices(weights: ModelWeights, experts: Iterable[ExpertWeights]) -> list[P
 
 
 def warm_up(
-    args: ModelArgs, weights: ModelWeights, experts: Sequence[ExpertWeights] | None = None
+    args: ModelArgs,
+    weights: ModelWeights,
+    experts: Sequence[ExpertWeights] | None = None,
+    matrices_only: bool = False,
 ) -> None:
     """Run every kernel of the model once on tiny inputs. `experts`: streamed experts' weights
-    (of each block-type mix), which the layers do not hold."""
+    (of each block-type mix), which the layers do not hold. `matrices_only`: the products and
+    the expert activation alone (what a compute worker runs)."""
     threads = sorted({1, get_num_threads()})
     seen: set[tuple] = set()
     for w in _matrices(weights, experts or ()):
@@ -63,9 +67,12 @@ def warm_up(
             x = np.zeros((n, w.cols), np.float32)
             out = np.zeros((n, w.rows), np.float32)
             for nt in threads:
-                kernel.run(w.planes, x, out, 0, min(w.rows, 2 * nt), 0, w.cols, 0, 0, nt)
+                rows = min(w.rows, 2 * nt)
+                kernel.run(w.planes, x, out, 0, rows, 0, w.cols, 0, 0, nt, batch_invariant())
     for n in (1, _BATCH):
         _silu_mul(np.zeros((n, 4), np.float32), np.zeros((n, 4), np.float32))
+        if matrices_only:
+            continue
         h = np.zeros((n, args.dim), np.float32)
         for layer in weights.layers[:1]:
             rmsnorm(h, layer.attn_norm, args.norm_eps)
@@ -78,4 +85,5 @@ def warm_up(
         cos, sin = rope_tables(np.ones(args.head_dim // 2, np.float32), np.arange(n))
         apply_rope(q, cos, sin, args.rope.interleaved)
         attention(q, k, k.copy(), 0, args.sliding_window)
-    weights.embed.lookup(np.zeros(1, np.int64))
+    if not matrices_only:
+        weights.embed.lookup(np.zeros(1, np.int64))

@@ -41,13 +41,21 @@ def load_gguf(path: Path, stream: bool = False) -> tuple[ModelArgs, ModelWeights
             f"(supported: {', '.join(ARCHITECTURES)})"
         )
     args = _args(gg, arch)
+    tokenizer = gguf_tokenizer(gg)
+    weights = _Loader(gg, args, stream).model()
+    gg.drop_metadata()  # the vocabulary's fields alone take ~150 MB for 50k tokens
+    return args, weights, tokenizer
+
+
+def gguf_tokenizer(gg: GGUFFile) -> Tokenizer:
+    """The tokenizer that GGUF file `gg`'s metadata describes."""
     backend, add_bos = build_tokenizer(gg)
     tokens = gg.meta("tokenizer.ggml.tokens")
     bos_id, eos_id, eot_id = (
         _token_id(gg, f"tokenizer.ggml.{name}_token_id", len(tokens))
         for name in ("bos", "eos", "eot")
     )
-    tokenizer = Tokenizer.from_parts(
+    return Tokenizer.from_parts(
         backend,
         bos_token=tokens[bos_id] if bos_id is not None else None,
         eos_token=tokens[eos_id] if eos_id is not None else None,
@@ -55,9 +63,6 @@ def load_gguf(path: Path, stream: bool = False) -> tuple[ModelArgs, ModelWeights
         eos_token_ids=[i for i in (eos_id, eot_id) if i is not None],
         add_bos=add_bos,
     )
-    weights = _Loader(gg, args, stream).model()
-    gg.drop_metadata()  # the vocabulary's fields alone take ~150 MB for 50k tokens
-    return args, weights, tokenizer
 
 
 def _token_id(gg: GGUFFile, key: str, vocab_size: int) -> int | None:

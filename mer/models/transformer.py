@@ -12,11 +12,9 @@ import numpy as np
 
 from mer.errors import MerError
 from mer.kernels.attention import attention
-from mer.kernels.matmul import matmul
 from mer.kernels.rmsnorm import rmsnorm
 from mer.kernels.rope import apply_rope, inv_frequencies, rope_tables
 from mer.kernels.router import route
-from mer.kernels.swiglu import expert_forward
 from mer.models.args import ModelArgs
 from mer.models.weights import ExpertWeights, LayerWeights, ModelWeights
 
@@ -75,70 +73,103 @@ class Transformer:
         # normalised hidden state float32 [n, D] its router saw
         self.routing_observer: Callable[[int, np.ndarray, np.ndarray], None] | None = None
         self.streamer = None  # an ExpertStreamer when experts are streamed from disk, or None
+        # where products run: this process (default) or compute workers (mer.compute)
+        from mer.compute.executor import LocalExecutor
+
+        self.executor = LocalExecutor()
 
     def forward(self, tokens: np.ndarray, cache: KVCache, all_logits: bool = True) -> np.ndarray:
         """Logits float32 [n, V] (or [1, V] for the last token only) for tokens [n].
 
         Raises NonFiniteError naming the first part of the model that produced NaN or
         infinite values, if the logits are not all finite (corrupt weights)."""
-        tokens = np.asarray(tokens, dtype=np.int64)
-        p0 = cache.length
-        logits = self._run(tokens, cache, all_logits, check=False)
-        if not np.isfinite(logits).all():
+        return self.step([(np.asarray(tokens, dtype=np.int64), cache)], all_logits)[0]
+
+    def step(
+        self, batch: list[tuple[np.ndarray, KVCache]], all_logits: bool = False
+    ) -> list[np.ndarray]:
+        """One forward pass over the tokens of several sequences at once: for each (tokens
+        [n_i], its KV cache) the logits float32 [n_i, V] of every token (`all_logits`) or
+        [1, V] of its last. Every matmul, router and expert runs on all the tokens together,
+        each expert once for all the tokens routed to it; attention runs per sequence over
+        its own cache. A token's logits do not depend on what else is in the batch.
+
+        Raises NonFiniteError as `forward` does."""
+        batch = [(np.asarray(t, dtype=np.int64), cache) for t, cache in batch]
+        starts = [cache.length for _, cache in batch]
+        logits = self._run(batch, all_logits, check=False)
+        if not all(np.isfinite(part).all() for part in logits):
             # Rare and fatal: run the same tokens again, checking after every part.
-            cache.length = p0
-            self._run(tokens, cache, all_logits, check=True)  # raises where it starts
+            for (_, cache), p0 in zip(batch, starts, strict=True):
+                cache.length = p0
+            self._run(batch, all_logits, check=True)  # raises where it starts
             raise NonFiniteError("the output head", "head")
         return logits
 
-    def _run(self, tokens: np.ndarray, cache: KVCache, all_logits: bool, check: bool) -> np.ndarray:
+    def _run(
+        self, batch: list[tuple[np.ndarray, KVCache]], all_logits: bool, check: bool
+    ) -> list[np.ndarray]:
         args = self.args
-        n, p0 = len(tokens), cache.length
-        if n == 0:
+        if not batch or any(len(tokens) == 0 for tokens, _ in batch):
             raise ValueError("forward: no tokens")
-        cache.reserve(p0 + n)
-        cos, sin = rope_tables(self.inv_freq, np.arange(p0, p0 + n))
-        x = self.weights.embed.lookup(tokens)
+        spans, at = [], 0  # each sequence's rows in the flat batch
+        for tokens, cache in batch:
+            cache.reserve(cache.length + len(tokens))
+            spans.append((at, at + len(tokens)))
+            at += len(tokens)
+        positions = np.concatenate([np.arange(c.length, c.length + len(t)) for t, c in batch])
+        cos, sin = rope_tables(self.inv_freq, positions)
+        x = self.weights.embed.lookup(np.concatenate([t for t, _ in batch]))
         _check(check, x, "the token embeddings", "embeddings")
+        caches = [cache for _, cache in batch]
         for index, layer in enumerate(self.weights.layers):
-            x = x + self._attention(
-                layer, rmsnorm(x, layer.attn_norm, args.norm_eps), cache, index, cos, sin
-            )
+            h = rmsnorm(x, layer.attn_norm, args.norm_eps)
+            x = x + self._attention(layer, h, caches, spans, index, cos, sin)
             _check(check, x, f"the attention of layer {index}", "attention")
             x = x + self._ffn(index, layer, rmsnorm(x, layer.ffn_norm, args.norm_eps), check)
             _check(check, x, f"the feed-forward of layer {index}", "experts")
-        cache.length = p0 + n
-        if not all_logits:
-            x = x[-1:]
-        return matmul(self.weights.lm_head, rmsnorm(x, self.weights.norm, args.norm_eps))
+        for tokens, cache in batch:
+            cache.length += len(tokens)
+        rows = [np.arange(a, b) if all_logits else np.array([b - 1]) for a, b in spans]
+        picked = np.concatenate(rows)
+        h = rmsnorm(np.ascontiguousarray(x[picked]), self.weights.norm, args.norm_eps)
+        (logits,) = self.executor.products([(self.weights.lm_head, h)])
+        bounds = np.cumsum([0] + [len(r) for r in rows])
+        return [logits[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def _attention(
         self,
         layer: LayerWeights,
         h: np.ndarray,
-        cache: KVCache,
+        caches: list[KVCache],
+        spans: list[tuple[int, int]],
         index: int,
         cos: np.ndarray,
         sin: np.ndarray,
     ) -> np.ndarray:
         args = self.args
-        n, p0 = h.shape[0], cache.length
-        q = matmul(layer.wq, h).reshape(n, args.n_heads, args.head_dim)
-        k = matmul(layer.wk, h).reshape(n, args.n_kv_heads, args.head_dim)
-        v = matmul(layer.wv, h).reshape(n, args.n_kv_heads, args.head_dim)
+        n = h.shape[0]
+        q, k, v = self.executor.products([(layer.wq, h), (layer.wk, h), (layer.wv, h)])
+        q = q.reshape(n, args.n_heads, args.head_dim)
+        k = k.reshape(n, args.n_kv_heads, args.head_dim)
+        v = v.reshape(n, args.n_kv_heads, args.head_dim)
         apply_rope(q, cos, sin, args.rope.interleaved)
         apply_rope(k, cos, sin, args.rope.interleaved)
-        cache.k[index][p0 : p0 + n] = k
-        cache.v[index][p0 : p0 + n] = v
-        out = attention(q, cache.k[index], cache.v[index], p0, args.sliding_window)
-        return matmul(layer.wo, out.reshape(n, args.n_heads * args.head_dim))
+        out = np.empty_like(q)
+        for cache, (a, b) in zip(caches, spans, strict=True):
+            p0 = cache.length
+            cache.k[index][p0 : p0 + b - a] = k[a:b]
+            cache.v[index][p0 : p0 + b - a] = v[a:b]
+            out[a:b] = attention(q[a:b], cache.k[index], cache.v[index], p0, args.sliding_window)
+        (projected,) = self.executor.products([(layer.wo, out.reshape(n, -1))])
+        return projected
 
     def _ffn(self, index: int, layer: LayerWeights, h: np.ndarray, check: bool) -> np.ndarray:
         if layer.router is None:  # a dense FFN: one expert, always chosen
             chosen = np.zeros((h.shape[0], 1), np.int64)
             weights = np.ones((h.shape[0], 1), np.float32)
         else:
-            scores = h @ layer.router.T
+            scores = router_logits(h, layer.router)
             _check(check, scores, f"the router of layer {index}", "router")
             chosen, weights = route(scores, self.args.n_experts_per_tok)  # [n, A]
         ids = np.unique(chosen).tolist()
@@ -146,10 +177,10 @@ class Transformer:
             self.routing_observer(index, chosen, h)
         outputs: dict[int, np.ndarray] = {}
 
-        def compute(e: int, expert: ExpertWeights) -> None:
+        def compute(e: int, expert: ExpertWeights, slot: int = -1) -> None:
             rows, _ = np.nonzero(chosen == e)  # each token picks an expert at most once
             x = np.ascontiguousarray(h[rows])
-            outputs[e] = expert_forward(expert.gate, expert.up, expert.down, x)
+            outputs[e] = self.executor.expert(expert, x, (index, e, slot))
             if layer.router is not None:
                 _check(check, outputs[e], f"expert {e} of layer {index}", "experts")
 
@@ -170,6 +201,15 @@ class Transformer:
             rows, slots = np.nonzero(chosen == e)
             out[rows] += weights[rows, slots][:, None] * outputs[e]
         return out
+
+
+def router_logits(h: np.ndarray, router: np.ndarray) -> np.ndarray:
+    """float32 [n, E] router logits, row by row: a BLAS matrix product picks its summation
+    order by the number of rows, and a token's routing must not depend on its batch."""
+    out = np.empty((h.shape[0], router.shape[0]), np.float32)
+    for t in range(h.shape[0]):
+        np.dot(router, h[t], out=out[t])
+    return out
 
 
 def _check(enabled: bool, values: np.ndarray, where: str, part: str) -> None:

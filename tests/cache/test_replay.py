@@ -34,8 +34,18 @@ def small_trace(tmp_path_factory) -> RoutingTrace:
     assert (
         run_mer("synth", str(model), "--shape", "small", "--histogram-tokens", "0").returncode == 0
     )
-    proc = run_mer("trace", "record", "--model", str(model), "--prompt", "The river ran quietly",
-                   "--max-tokens", "96", "--out", str(out))  # fmt: skip
+    proc = run_mer(
+        "trace",
+        "record",
+        "--model",
+        str(model),
+        "--prompt",
+        "The river ran quietly",
+        "--max-tokens",
+        "96",
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     trace = RoutingTrace.load(out)
     assert any(any(layer) for step in trace.gates for layer in step)

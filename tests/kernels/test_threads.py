@@ -71,6 +71,16 @@ def test_fixed_and_single_thread(threads):
         assert policy.choices() == {KEY: 4}
 
 
+def test_named_candidates_place_work():
+    """The compute board's placement: 1 = the engine's own threads, 2 = the workers."""
+    policy = ThreadPolicy(2, candidates=(1, 2))
+    assert policy.candidates == [1, 2]
+    used = drive(policy, {1: 1e-9, 2: 1.5e-9}, 1000)  # a round costs more than it saves
+    assert policy.choices() == {KEY: 1} and used.count(2) <= 30
+    fixed = ThreadPolicy(2, adaptive=False, candidates=(1, 2))
+    assert set(drive(fixed, {1: 1e-9, 2: 9e-9}, 50)) == {2}
+
+
 def test_keys_are_independent():
     policy = ThreadPolicy(2)
     drive(policy, {1: 2e-9, 2: 1e-9}, 500, key="big")

@@ -126,9 +126,17 @@ def test_a_file_where_a_directory_should_be(tiny, tmp_path):
 
 def test_disk_full(tiny, tmp_path):
     proc = run_mer(
-        "trace", "record", "--model", str(tiny), "--prompt", "hi", "--max-tokens", "2",
-        "--out", "/dev/full",
-    )  # fmt: skip
+        "trace",
+        "record",
+        "--model",
+        str(tiny),
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "2",
+        "--out",
+        "/dev/full",
+    )
     assert_one_line_error(proc, "/dev/full", "no space left")
     small = tmp_path / "small"
     small.mkdir()
@@ -156,13 +164,17 @@ def test_permission_denied(tiny, tmp_path):
     try:
         proc = subprocess.run(
             [*drop, *MER, "generate", "--model", str(locked), "--prompt", "hi"],
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert_one_line_error(proc, str(locked), "permission denied")
         proc = subprocess.run(
             [*drop, *MER, "convert", str(tiny), str(locked / "store")],
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert_one_line_error(proc, str(locked), "permission denied")
     finally:
         locked.chmod(0o755)
@@ -170,11 +182,21 @@ def test_permission_denied(tiny, tmp_path):
 
 def test_broken_pipe(tiny):
     proc = subprocess.Popen(
-        [*MER, "generate", "--model", str(tiny), "--prompt", "hi", "--max-tokens", "500",
-         "--max-seq-len", "1024"],
+        [
+            *MER,
+            "generate",
+            "--model",
+            str(tiny),
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "500",
+            "--max-seq-len",
+            "1024",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-    )  # fmt: skip
+    )
     proc.stdout.read(1)  # like `| head -c 1`: take a byte and hang up
     proc.stdout.close()
     err = proc.stderr.read().decode()
@@ -189,9 +211,17 @@ def test_broken_pipe(tiny):
 def trace_file(tiny, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("trace") / "trace.json"
     proc = run_mer(
-        "trace", "record", "--model", str(tiny), "--prompt", "hi", "--max-tokens", "8",
-        "--out", str(out),
-    )  # fmt: skip
+        "trace",
+        "record",
+        "--model",
+        str(tiny),
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "8",
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     return out
 

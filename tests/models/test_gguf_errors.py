@@ -39,12 +39,34 @@ def test_context_of_64_end_to_end(paths, tmp_path):
     assert tokens == list(
         full.generate(prompt, SamplingParams(temperature=0.0), len(tokens), stop_ids=frozenset())
     )
-    proc = run_mer("generate", "--model", str(small), "--prompt", "the quick brown fox",
-                   "--max-tokens", "500", "--temperature", "0", "--json")  # fmt: skip
+    proc = run_mer(
+        "generate",
+        "--model",
+        str(small),
+        "--prompt",
+        "the quick brown fox",
+        "--max-tokens",
+        "500",
+        "--temperature",
+        "0",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["finish_reason"] in ("context", "stop")
-    assert run_mer("generate", "--model", str(src), "--prompt", "hi", "--max-seq-len", "64",
-                   "--max-tokens", "8").returncode == 0  # fmt: skip
+    assert (
+        run_mer(
+            "generate",
+            "--model",
+            str(src),
+            "--prompt",
+            "hi",
+            "--max-seq-len",
+            "64",
+            "--max-tokens",
+            "8",
+        ).returncode
+        == 0
+    )
 
 
 def test_nan_weights(paths, tmp_path):

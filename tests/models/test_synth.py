@@ -135,6 +135,7 @@ def test_refuses_to_overwrite(made, tmp_path):
     before = gguf_path.stat().st_mtime_ns
     assert_one_line_error(run_mer("synth", str(gguf_path), "--shape", "tiny"), "--force")
     assert gguf_path.stat().st_mtime_ns == before
-    meta = run_mer("generate", "--model", str(gguf_path), "--prompt", "hi", "--max-tokens", "3",
-                   "--json")  # fmt: skip
+    meta = run_mer(
+        "generate", "--model", str(gguf_path), "--prompt", "hi", "--max-tokens", "3", "--json"
+    )
     assert json.loads(meta.stdout)["finish_reason"] in ("length", "stop")

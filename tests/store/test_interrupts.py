@@ -41,9 +41,20 @@ def endless(q4_store, tmp_path_factory) -> Path:
 def _streaming(store: Path):
     """A streamed `mer generate` that is past loading and producing tokens."""
     proc = spawn_mer(
-        "generate", "--model", str(store), "--cache-bytes", "300K", "--prompt", "hi",
-        "--max-tokens", "1000000", "--temperature", "1", "--seed", "1",
-    )  # fmt: skip
+        "generate",
+        "--model",
+        str(store),
+        "--cache-bytes",
+        "300K",
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "1000000",
+        "--temperature",
+        "1",
+        "--seed",
+        "1",
+    )
     wait_for(lambda: shm_segments(proc.pid) or proc.poll() is not None, what="the arena")
     assert proc.poll() is None, proc.stderr.read()
     ready, _, _ = select.select([proc.stdout], [], [], 120)
@@ -58,9 +69,16 @@ def test_sigkill_leaves_a_segment_that_the_next_start_removes(endless, q4_store)
     proc.wait(60)
     assert names and all((SHM / n).exists() for n in names)
     nxt = run_mer(
-        "generate", "--model", str(q4_store), "--cache-bytes", "300K", "--prompt", "hi",
-        "--max-tokens", "2",
-    )  # fmt: skip
+        "generate",
+        "--model",
+        str(q4_store),
+        "--cache-bytes",
+        "300K",
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "2",
+    )
     assert nxt.returncode == 0, nxt.stderr
     assert not any((SHM / n).exists() for n in names)
     reclaimed = [line for line in nxt.stderr.splitlines() if "shm_reclaimed" in line]
@@ -107,8 +125,10 @@ def test_interrupted_reconversion_keeps_the_old_store(two_models, tmp_path, sig)
     proc = spawn_mer("convert", str(new), str(store), "--force", "--quant", "q4_0")
 
     def writing() -> bool:
-        return any(p.joinpath("experts.bin").is_file() and p.joinpath("experts.bin").stat().st_size
-                   for p in _partials(store))  # fmt: skip
+        return any(
+            p.joinpath("experts.bin").is_file() and p.joinpath("experts.bin").stat().st_size
+            for p in _partials(store)
+        )
 
     wait_for(lambda: writing() or proc.poll() is not None, what="the conversion to start")
     os.kill(proc.pid, signal.SIGSTOP)  # hold it midway while we look

@@ -159,20 +159,20 @@ def test_read_ahead_pays_for_itself(q4_store):
 
     with mer.load_model(q4_store, cache_bytes=json_slot(q4_store) * 6) as model:
         s = model.streamer
-        nbytes = s._candidate((1, 0), 1.0).nbytes
-        s.stats.bytes_read, s.stats.read_busy_s = nbytes, 1.0  # t = 1 s per expert
+        nbytes = s.lookahead.candidate((1, 0), 1.0).nbytes
+        s.tier.stats.bytes_read, s.tier.stats.read_busy_s = nbytes, 1.0  # t = 1 s per expert
         s._cpu_s = 0.1  # reads dominate: only p > 0.9 passes
         s._prefetch([Candidate((1, 0), 0.85, nbytes), Candidate((1, 1), 0.95, nbytes)])
-        assert s.stats.prefetch_reads == 1 and s.cache.slot_of((1, 1)) is not None
+        assert s.tier.stats.prefetch_reads == 1 and s.cache.slot_of((1, 1)) is not None
         assert s.cache.slot_of((1, 0)) is None
         s._harvest(block=True)
         s._cpu_s = 1.5  # the disk idles for 1.5 reads: p > 1/2 passes, then p > 0.5 + ...
         s._prefetch([Candidate((1, k), p, nbytes) for k, p in ((2, 0.45), (3, 0.6), (4, 0.7))])
-        assert s.stats.prefetch_reads == 3
+        assert s.tier.stats.prefetch_reads == 3
         assert s.cache.slot_of((1, 4)) is not None and s.cache.slot_of((1, 3)) is not None
         assert s.cache.slot_of((1, 2)) is None
         seen = []
-        s.run(1, [1, 3, 4], lambda e, w: seen.append(e))
+        s.run(1, [1, 3, 4], lambda e, w, slot: seen.append(e))
         assert sorted(seen) == [1, 3, 4]
         assert s.cache.stats.prefetch_used == 3 and s.cache.stats.misses == 0
 

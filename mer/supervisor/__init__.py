@@ -1,0 +1,1 @@
+"""The supervisor of `mer serve`: spawns the actors, restarts them, speaks to systemd."""
