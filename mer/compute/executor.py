@@ -115,9 +115,9 @@ class BoardExecutor:
             else:
                 big.append(i)
         if big:
-            n = pairs[big[0]][1].shape[0]
+            n = max(pairs[i][1].shape[0] for i in big)
             key = ("products", tuple((pairs[i][0].rows, pairs[i][0].cols) for i in big), n)
-            work = sum(pairs[i][0].rows * pairs[i][0].cols * n for i in big)
+            work = sum(pairs[i][0].rows * pairs[i][0].cols * pairs[i][1].shape[0] for i in big)
             with self._placed(key, work) as where:
                 if where == HERE:
                     for i in big:
@@ -126,11 +126,23 @@ class BoardExecutor:
                     alloc, jobs = Allocator(self.board), []
                     for i in big:
                         w, x = pairs[i]
-                        x_at = alloc.put(x, (n, w.cols))
-                        out_at = alloc.put(None, (n, w.rows))
+                        tokens = x.shape[0]  # each product its own
+                        x_at = alloc.put(x, (tokens, w.cols))
+                        out_at = alloc.put(None, (tokens, w.rows))
                         index = self.table.index(w)
                         jobs.append(
-                            Job(PRODUCT, index, 0, 0, n, w.rows, w.cols, x_at, out_at, self.stripes)
+                            Job(
+                                PRODUCT,
+                                index,
+                                0,
+                                0,
+                                tokens,
+                                w.rows,
+                                w.cols,
+                                x_at,
+                                out_at,
+                                self.stripes,
+                            )
                         )
                     self._round(jobs)
                     for i, job in zip(big, jobs, strict=True):
