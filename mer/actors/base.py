@@ -60,6 +60,22 @@ def endpoint(run_dir: Path, name: str) -> str:
     return f"ipc://{run_dir / name}"
 
 
+def received(sock: zmq.Socket, log: logging.Logger):
+    """Every (peer, message) waiting on ROUTER socket `sock`, without blocking; frames that
+    do not decode are logged and skipped."""
+    from mer.protocol import Codec, ProtocolError
+
+    while True:
+        try:
+            peer, frame = sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        try:
+            yield peer, Codec.decode(frame)
+        except ProtocolError as err:
+            log.warning("event=bad_message error=%s", err)
+
+
 def supervisor_owner(actor: Actor):
     """The supervisor as an owner of shared memory (`mer.io.shm`): segments that must
     outlive an actor's restart are named after it, read from the runtime directory's name

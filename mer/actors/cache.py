@@ -310,10 +310,10 @@ def open_arena(run_dir: Path, source, n_slots: int, owner, log):
 
 
 def main() -> None:
-    from mer.actors.base import Actor, endpoint, supervisor_owner
+    from mer.actors.base import Actor, endpoint, received, supervisor_owner
     from mer.cache.streamer import slots_for
     from mer.models.sources import resolve_model
-    from mer.protocol import Codec, ProtocolError, Reconfigure
+    from mer.protocol import Reconfigure
     from mer.store.load import load_store
 
     actor = Actor()
@@ -345,16 +345,7 @@ def main() -> None:
             events = dict(poller.poll(50 if core.unsynced else heartbeat_ms))
             out: list[tuple[bytes, Body]] = []
             if sock in events:
-                while True:
-                    try:
-                        peer, frame = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    try:
-                        message = Codec.decode(frame)
-                    except ProtocolError as err:
-                        actor.log.warning("event=bad_message error=%s", err)
-                        continue
+                for peer, message in received(sock, actor.log):
                     out += core.handle(peer, message)
             for body in actor.poll_supervisor():
                 if isinstance(body, Reconfigure):

@@ -19,7 +19,7 @@ from mer.engine.engine import Engine
 from mer.engine.scheduler import SchedulerConfig
 from mer.engine.sequence import Sequence
 from mer.errors import MerError, ParamError
-from mer.protocol import Body, Cancel, Hello, Message, ProtocolError, Rejected, Submit, Tokens
+from mer.protocol import Body, Cancel, Hello, Message, Rejected, Submit, Tokens
 from mer.sampling import SamplingParams
 
 
@@ -142,10 +142,9 @@ class EngineCore:
 
 
 def main() -> None:
-    from mer.actors.base import Actor, endpoint
+    from mer.actors.base import Actor, endpoint, received
     from mer.model import load_model
     from mer.models.sources import resolve_model
-    from mer.protocol import Codec
 
     actor = Actor()
     cfg = actor.config
@@ -197,19 +196,9 @@ def main() -> None:
             events = dict(poller.poll(0 if busy else heartbeat_ms))
             if not busy:
                 began = time.perf_counter()  # an idle wait for a request is not work
-            for _ in events:
-                while True:
-                    try:
-                        peer, frame = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    try:
-                        message = Codec.decode(frame)
-                    except ProtocolError as err:
-                        actor.log.warning("event=bad_message error=%s", err)
-                        continue
-                    for to, body in core.handle(peer, message):
-                        sock.send_multipart([to, actor.codec.encode(body, message.msg_id)])
+            for peer, message in received(sock, actor.log) if events else ():
+                for to, body in core.handle(peer, message):
+                    sock.send_multipart([to, actor.codec.encode(body, message.msg_id)])
             stepped = core.engine.has_work()
             if stepped:
                 at = time.perf_counter()
