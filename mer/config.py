@@ -48,6 +48,14 @@ class ApiConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_waiting: int = 256  # requests queued beyond the running ones before 429
+    max_body_bytes: int = 4 << 20  # a larger request body is refused (413)
+    max_tokens: int | None = None  # the most tokens one choice may ask for (default: context)
+    model_name: str | None = None  # the model's id in the API (default: its file's name)
+    # API keys: key -> class; with any key set, every request needs one (Bearer)
+    keys: dict[str, str] = field(default_factory=dict)
+    # admission weights by class: waiting requests start in weighted round-robin
+    classes: dict[str, int] = field(default_factory=dict)
+    default_class: str = "default"  # the class of requests when no keys are set
 
 
 @dataclass(frozen=True)
@@ -142,6 +150,24 @@ class ServeConfig:
 
         need(1 <= self.api.port <= 65535, "api.port", "must be a port number (1-65535)")
         need(self.api.max_waiting >= 0, "api.max_waiting", "must be 0 or more")
+        need(self.api.max_body_bytes >= 1024, "api.max_body_bytes", "must be at least 1024")
+        need(
+            self.api.max_tokens is None or self.api.max_tokens >= 1,
+            "api.max_tokens",
+            "must be at least 1",
+        )
+        for key, cls in self.api.keys.items():
+            need(
+                isinstance(key, str) and len(key) >= 8 and isinstance(cls, str),
+                "api.keys",
+                "must map keys of at least 8 characters to class names",
+            )
+        for cls, weight in self.api.classes.items():
+            need(
+                isinstance(weight, int) and not isinstance(weight, bool) and weight >= 1,
+                f"api.classes.{cls}",
+                "must be a whole number weight of at least 1",
+            )
         for name in ("max_batch_tokens", "max_seqs", "prefill_chunk", "kv_budget_tokens"):
             need(getattr(self.engine, name) >= 1, f"engine.{name}", "must be at least 1")
         need(

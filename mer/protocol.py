@@ -57,9 +57,12 @@ class Body:
 class Submit(Body):
     """Start (or, after an engine restart, resume) a generation.
     {"request": "r-12", "prompt_ids": [1, 415], "params": {"temperature": 0.7, "seed": 3},
-     "max_tokens": 64, "stop_ids": [2], "stop_strings": ["###"], "resume_ids": []}
+     "max_tokens": 64, "stop_ids": [2], "stop_strings": ["###"], "resume_ids": [],
+     "grammar": null}
     `resume_ids`: tokens the client already received; the engine feeds them after the prompt
-    and continues from there, so the stream goes on as if nothing had happened."""
+    and continues from there, so the stream goes on as if nothing had happened. `grammar`:
+    what the output must be, for constrained decoding ({"type": "json_object"} or
+    {"type": "json_schema", "schema": {...}})."""
 
     KIND: ClassVar[str] = "submit"
     request: str
@@ -69,6 +72,7 @@ class Submit(Body):
     stop_ids: list[int] | None = None  # None: the model's end-of-sequence ids
     stop_strings: list[str] = field(default_factory=list)
     resume_ids: list[int] = field(default_factory=list)
+    grammar: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,11 @@ class Cancel(Body):
 class Tokens(Body):
     """New tokens of a generation, and its end:
     {"request": "r-12", "ids": [311], "text": " the", "finish_reason": null,
-     "prompt_tokens": 2}"""
+     "prompt_tokens": 2, "logprobs": [[-0.31, [[311, -0.31], [264, -1.9]]]],
+     "cached_tokens": 0}
+    `logprobs` (when asked for): per id, its log-probability and the most likely
+    alternatives; `cached_tokens`: prompt tokens whose keys and values came from the
+    prefix cache."""
 
     KIND: ClassVar[str] = "tokens"
     request: str
@@ -91,6 +99,8 @@ class Tokens(Body):
     text: str
     finish_reason: str | None = None
     prompt_tokens: int = 0
+    logprobs: list[list[Any]] | None = None
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,24 @@ class Hello(Body):
 
     KIND: ClassVar[str] = "hello"
     role: str
+
+
+@dataclass(frozen=True)
+class EngineQuery(Body):
+    """The engine's figures, please (api -> engine, for /metrics): {}"""
+
+    KIND: ClassVar[str] = "engine_query"
+
+
+@dataclass(frozen=True)
+class EngineReport(Body):
+    """The engine's figures (`Engine.figures`, and the expert cache's when the engine streams
+    experts itself): {"figures": {"running": 2, "waiting": 0, "kv_usage": 0.1},
+    "cache": null}"""
+
+    KIND: ClassVar[str] = "engine_report"
+    figures: dict[str, Any]
+    cache: dict[str, Any] | None = None
 
 
 # -- engine <-> cache <-> io ---------------------------------------------------------------------
@@ -260,6 +288,8 @@ KINDS: dict[str, type[Body]] = {
         Tokens,
         Rejected,
         Hello,
+        EngineQuery,
+        EngineReport,
         Acquire,
         Granted,
         Release,
@@ -331,6 +361,16 @@ class Codec:
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ProtocolError(f"bad envelope: {err}") from None
+
+
+def string_keys(value: Any) -> Any:
+    """`value` with every map key a string (msgpack maps here take no other keys), e.g. a
+    telemetry dict keyed by layer number."""
+    if isinstance(value, dict):
+        return {str(k): string_keys(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [string_keys(v) for v in value]
+    return value
 
 
 def new_incarnation() -> str:

@@ -15,6 +15,8 @@ import numpy as np
 
 from mer.errors import ParamError
 
+MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+
 # top-p first looks among the most likely few ids; a full sort of a 150k vocab costs ~20 ms.
 _TOP_P_PROBES = (1024, 16384)
 
@@ -31,6 +33,11 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: logit -= frequency * count
     repetition_penalty: float = 1.0  # CTRL/transformers: logit > 0 ? logit / p : logit * p
     seed: int | None = None
+    # OpenAI's logit_bias: (token id, bias in [-100, 100]) pairs added to the logits
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # how many most likely alternatives to report beside each sampled token's log-probability
+    # (0: only the sampled token's); None: no log-probabilities
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         def number(name: str) -> float:
@@ -61,12 +68,29 @@ class SamplingParams:
             raise ParamError("repetition_penalty", f"must be > 0, got {self.repetition_penalty!r}")
         if self.seed is not None and integer("seed") < 0:
             raise ParamError("seed", f"must be a non-negative integer or None, got {self.seed!r}")
+        if self.logprobs is not None and not 0 <= integer("logprobs") <= MAX_LOGPROBS:
+            raise ParamError("logprobs", f"must be between 0 and {MAX_LOGPROBS}")
+        pairs = []
+        for pair in self.logit_bias:
+            ok = isinstance(pair, list | tuple) and len(pair) == 2
+            token, bias = pair if ok else (None, None)
+            if not ok or isinstance(token, bool) or not isinstance(token, numbers.Integral):
+                raise ParamError("logit_bias", "must map token ids to numbers")
+            if token < 0:
+                raise ParamError("logit_bias", f"names a negative token id {token}")
+            if isinstance(bias, bool) or not isinstance(bias, numbers.Real):
+                raise ParamError("logit_bias", f"of token {token} must be a number")
+            if not -100 <= bias <= 100:
+                raise ParamError("logit_bias", f"of token {token} must be in [-100, 100]")
+            pairs.append((int(token), float(bias)))
+        object.__setattr__(self, "logit_bias", tuple(pairs))
 
 
 def apply_penalties(
     logits: np.ndarray, history: Sequence[int], params: SamplingParams
 ) -> np.ndarray:
-    """A float64 copy of `logits` with the repetition, then frequency/presence penalties applied.
+    """A float64 copy of `logits` with the logit bias, then the repetition, then the
+    frequency/presence penalties applied.
 
     `history` is every id the model has seen (prompt + generated); each distinct id is penalised
     once by the repetition penalty, and by its count for the frequency penalty.
@@ -74,6 +98,10 @@ def apply_penalties(
     out = np.array(logits, dtype=np.float64)  # always a copy: the caller's array is untouched
     if out.ndim != 1:
         raise ValueError(f"logits must be one-dimensional, got shape {out.shape}")
+    for token, bias in params.logit_bias:
+        if token >= out.shape[0]:
+            raise ParamError("logit_bias", f"names token {token}, outside the vocabulary")
+        out[token] += bias
     rep, freq, pres = params.repetition_penalty, params.frequency_penalty, params.presence_penalty
     if len(history) == 0 or (rep == 1.0 and freq == 0.0 and pres == 0.0):
         return out
@@ -151,6 +179,20 @@ def sampling_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     out = np.zeros(np.asarray(logits).shape[0])
     out[ids] = probs
     return out
+
+
+def log_probs(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The model's log-probability of `token` (log-softmax of the raw `logits`, before any
+    penalty, bias or truncation, as OpenAI reports them) and the `top` most likely ids with
+    theirs (most likely first, ties by lower id)."""
+    x = np.asarray(logits, dtype=np.float64)
+    peak = np.max(x)
+    lse = peak + np.log(np.sum(np.exp(x - peak)))
+    alternatives = []
+    if top > 0:
+        probs = np.exp(x - lse)
+        alternatives = [(int(i), float(x[i] - lse)) for i in _top_ids(probs, top)]
+    return float(x[token] - lse), alternatives
 
 
 class Sampler:

@@ -272,8 +272,11 @@ class Tokenizer:
         """A fresh incremental decoder for one generated sequence."""
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text for `messages`, as `apply_chat_template(tokenize=False)` gives it."""
+    def render_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None
+    ) -> str:
+        """The prompt text for `messages` (and `tools`, OpenAI-style function definitions, for
+        templates that render them), as `apply_chat_template(tokenize=False)` gives it."""
         if self.chat_template is None:
             raise ModelFormatError(f"{self._source}: the model has no chat template")
         extra = {
@@ -286,11 +289,14 @@ class Tokenizer:
             eos_token=self.eos_token,
             add_generation_prompt=add_generation_prompt,
             **extra,
+            **({"tools": tools} if tools else {}),
         )
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None
+    ) -> list[int]:
         """Prompt ids for `messages`; the template writes any BOS, so none is added again."""
-        return self.encode(self.render_chat(messages, add_generation_prompt), False)
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools), False)
 
 
 _CLEAN_UP = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't")]

@@ -48,6 +48,7 @@ from mer.protocol import (
     Read,
     ReadDone,
     Release,
+    string_keys,
 )
 
 ENGINE = b"engine.0"
@@ -116,7 +117,7 @@ class CacheCore:
         elif isinstance(body, Hello) and body.role == "io":
             self._io_hello(message.sender, message.incarnation)
         elif isinstance(body, CacheQuery):
-            out.append((peer, CacheReport(self.tier.telemetry(0))))
+            out.append((peer, CacheReport(string_keys(self.tier.telemetry(0)))))
         return out + self._dispatch()
 
     def _new_engine(self, incarnation: str) -> None:

@@ -19,7 +19,18 @@ from mer.engine.engine import Engine
 from mer.engine.scheduler import SchedulerConfig
 from mer.engine.sequence import Sequence
 from mer.errors import MerError, ParamError
-from mer.protocol import Body, Cancel, Hello, Message, Rejected, Submit, Tokens
+from mer.protocol import (
+    Body,
+    Cancel,
+    EngineQuery,
+    EngineReport,
+    Hello,
+    Message,
+    Rejected,
+    Submit,
+    Tokens,
+    string_keys,
+)
 from mer.sampling import SamplingParams
 
 
@@ -53,7 +64,29 @@ class EngineCore:
             if request is not None:
                 self.engine.abort(request.sequence)
             return []
+        if isinstance(body, EngineQuery):
+            return [(peer, EngineReport(self.figures(), self._cache_figures()))]
         return []
+
+    def figures(self) -> dict:
+        """The engine's figures (for /metrics)."""
+        figures = getattr(self.engine, "figures", None)
+        out = dict(figures()) if figures is not None else {}
+        out.setdefault("running", len(self.engine.scheduler.running))
+        out.setdefault("waiting", len(self.engine.scheduler.waiting))
+        args = self.engine.model.args
+        out.update(context=args.max_seq_len, vocab_size=args.vocab_size)
+        return out
+
+    def _cache_figures(self) -> dict | None:
+        """The expert cache's figures when this process streams experts itself (with cache
+        and io actors, the api asks the cache actor)."""
+        from mer.cache.streamer import ExpertStreamer
+
+        streamer = self.engine.model.streamer
+        if isinstance(streamer, ExpertStreamer):
+            return string_keys(streamer.telemetry())
+        return None
 
     def _new_api(self, peer: bytes, incarnation: str) -> None:
         if self._api_incarnation.get(peer) == incarnation:
@@ -128,14 +161,24 @@ class EngineCore:
             rid = by_seq.get(id(event.seq))
             if rid is None or (event.token is None and event.finish_reason is None):
                 continue
-            ids, text, finish = gathered.setdefault(rid, [[], "", None])
+            ids, text, finish, scores = gathered.setdefault(rid, [[], "", None, None])
             if event.token is not None:
                 ids.append(event.token)
-            gathered[rid] = [ids, text + event.text, event.finish_reason or finish]
+                if event.logprob is not None:
+                    scores = (scores or []) + [
+                        [event.logprob, [list(pair) for pair in event.top_logprobs]]
+                    ]
+            gathered[rid] = [ids, text + event.text, event.finish_reason or finish, scores]
         out = []
-        for rid, (ids, text, finish) in gathered.items():
+        for rid, (ids, text, finish, scores) in gathered.items():
             request = self.requests[rid]
-            out.append((request.peer, Tokens(rid, ids, text, finish, request.prompt_tokens)))
+            cached = getattr(request.sequence, "cached_tokens", 0)
+            out.append(
+                (
+                    request.peer,
+                    Tokens(rid, ids, text, finish, request.prompt_tokens, scores, cached),
+                )
+            )
             if finish is not None:
                 del self.requests[rid]
         return out
@@ -173,6 +216,7 @@ def main() -> None:
         streamer_factory=factory,
     )
     model.warm_up()
+    model.transformer.on_layer = lambda: actor.beat(busy=True)
     board = _compute_board(actor, model)
     e = cfg.engine
     core = EngineCore(

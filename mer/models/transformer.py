@@ -73,6 +73,9 @@ class Transformer:
         # normalised hidden state float32 [n, D] its router saw
         self.routing_observer: Callable[[int, np.ndarray, np.ndarray], None] | None = None
         self.streamer = None  # an ExpertStreamer when experts are streamed from disk, or None
+        # called after each layer of a step (the engine actor's heartbeat: a long prefill
+        # step is work, not a hang)
+        self.on_layer: Callable[[], None] | None = None
         # where products run: this process (default) or compute workers (mer.compute)
         from mer.compute.executor import LocalExecutor
 
@@ -128,6 +131,8 @@ class Transformer:
             _check(check, x, f"the attention of layer {index}", "attention")
             x = x + self._ffn(index, layer, rmsnorm(x, layer.ffn_norm, args.norm_eps), check)
             _check(check, x, f"the feed-forward of layer {index}", "experts")
+            if self.on_layer is not None:
+                self.on_layer()
         for tokens, cache in batch:
             cache.length += len(tokens)
         rows = [np.arange(a, b) if all_logits else np.array([b - 1]) for a, b in spans]

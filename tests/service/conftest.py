@@ -56,7 +56,7 @@ class Service:
 
     def __init__(
         self,
-        store: Path,
+        store: Path | None,
         tmp: Path,
         extra_config: str = "",
         env: dict | None = None,
@@ -68,8 +68,9 @@ class Service:
         self.config = tmp / "mer.toml"
         self.tmp, self.store, self.supervisor_extra = tmp, store, supervisor
         self.write_config(extra_config)
-        cmd = [*MER, "serve", "--model", str(store), "--port", str(self.port)]
-        cmd += ["--config", str(self.config), *args]
+        cmd = [*MER, "serve", "--port", str(self.port), "--config", str(self.config), *args]
+        if store is not None:  # else the bundled default model, every weight resident
+            cmd += ["--model", str(store)]
         self.log = (tmp / "serve.log").open("w+")
         self.proc = subprocess.Popen(
             cmd,
@@ -81,14 +82,14 @@ class Service:
 
     def write_config(self, extra: str, cache: int | None = None) -> None:
         """The service's configuration file: fast heartbeats, its own runtime directory, a
-        cache of `cache` bytes (default: a quarter of the experts), and `extra` (TOML tables
-        other than [supervisor] and [cache])."""
+        cache of `cache` bytes (default: a quarter of the experts; none for the default
+        model), and `extra` (TOML tables other than [supervisor] and [cache])."""
+        cache_table = ""
+        if self.store is not None:
+            cache_table = f"[cache]\nbytes = {cache or cache_bytes(self.store)}\n"
         self.config.write_text(
             "[supervisor]\nheartbeat_s = 0.25\nheartbeat_timeout_s = 3.0\n"
-            f'runtime_dir = "{self.tmp / "run"}"\n'
-            + self.supervisor_extra
-            + f"[cache]\nbytes = {cache or cache_bytes(self.store)}\n"
-            + extra
+            f'runtime_dir = "{self.tmp / "run"}"\n' + self.supervisor_extra + cache_table + extra
         )
 
     def get(self, path: str, timeout: float = 5) -> tuple[int, dict]:
