@@ -134,8 +134,11 @@ class Generation:
         from mer.engine.engine import Engine
         from mer.engine.scheduler import SchedulerConfig
 
-        # one sequence: its KV room is the whole context, whatever the service's budget
-        config = SchedulerConfig(kv_budget_tokens=max(model.args.max_seq_len, 1))
+        # one sequence: its KV room is the whole context, whatever the service's budget, and
+        # no prefix cache (nothing after it would reuse one)
+        config = SchedulerConfig(
+            kv_budget_tokens=max(model.args.max_seq_len, 1), prefix_cache=False
+        )
         self._engine = Engine(model, config)
         self._seq = self._engine.submit(history, params, max_tokens, stop_ids)
         self._started = False

@@ -6,6 +6,13 @@ expert on all the tokens at once), then samples a token for each sequence whose 
 all been fed, and ends sequences on a stop id or stop string, max_tokens, or a full context.
 Each sequence samples with its own seeded generator and the forward pass is batch-invariant,
 so a sequence gets the same tokens alone or beside any others.
+
+With the prefix cache on (`SchedulerConfig.prefix_cache`, `mer.engine.prefix`), a sequence
+admitted with a cached prefix gets a KV cache seeded with copies of those blocks' keys and
+values and feeds only the rest; once its prompt has been fed, and again when it ends, the full
+blocks of its fed tokens (generated ones included) are added to the cache, so the next turn
+of a conversation finds the previous answer there too. Batch invariance makes the reused rows
+exactly those the sequence would have computed: tokens and logits are the same either way.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import numpy as np
 from mer.engine.scheduler import Scheduler, SchedulerConfig
 from mer.engine.sequence import Sequence, Status
 from mer.models.transformer import KVCache
-from mer.sampling import SamplingParams
+from mer.sampling import SamplingParams, log_probs
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,10 @@ class Event:
     token: int | None
     text: str
     finish_reason: str | None
+    # with params.logprobs set: the sampled token's log-probability and the most likely
+    # alternatives [(id, log-probability)]
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 class Engine:
@@ -80,10 +91,26 @@ class Engine:
         return seq
 
     def abort(self, seq: Sequence) -> None:
-        """Stop `seq` now; its KV cache is freed."""
+        """Stop `seq` now; its KV cache is freed (its full blocks kept in the prefix cache)."""
         if seq.status is not Status.FINISHED:
             self.scheduler.finish(seq, "abort")
+            self._keep_prefix(seq)
             seq.cache = None
+
+    def figures(self) -> dict:
+        """Sequences running and waiting, KV use (reservations and the prefix cache, over the
+        KV budget) and the prefix cache's counters (tokens looked up, found, held)."""
+        sched, prefix = self.scheduler, self.scheduler.prefix
+        reserved, held = sched.reserved_tokens, sched.held_tokens
+        return {
+            "running": len(sched.running),
+            "waiting": len(sched.waiting),
+            "kv_usage": (reserved + held) / sched.config.kv_budget_tokens,
+            "kv_reserved_tokens": reserved,
+            "prefix_queries_tokens": prefix.queries_tokens if prefix is not None else 0,
+            "prefix_hits_tokens": prefix.hits_tokens if prefix is not None else 0,
+            "prefix_held_tokens": held,
+        }
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -97,11 +124,17 @@ class Engine:
         for seq, n in plan:
             if seq.cache is None:
                 seq.cache = KVCache(self.model.args)
+                seeds = self.scheduler.seed_blocks(seq)
+                if seeds:  # admitted with a cached prefix: n_fed already counts it
+                    self.scheduler.prefix.seed(seeds, seq.cache)
             batch.append((np.asarray(seq.tokens[seq.n_fed : seq.n_fed + n]), seq.cache))
         logits = self.model.forward_batch(batch)
         events = []
         for (seq, n), row in zip(plan, logits, strict=True):
+            prefilling = seq.prefilling
             seq.n_fed += n
+            if prefilling and not seq.prefilling:  # its prompt is in: cache its blocks
+                self._keep_prefix(seq)
             if seq.pending:  # more of the prompt to feed
                 events.append(Event(seq, None, "", None))
                 continue
@@ -112,21 +145,35 @@ class Engine:
         if self.keep_logits:
             seq.logits.append(logits.copy())
         token = seq.sampler.sample(logits, seq.tokens)
+        scored = {}
+        if seq.params.logprobs is not None:
+            logprob, top = log_probs(logits, token, seq.params.logprobs)
+            scored = {"logprob": logprob, "top_logprobs": tuple(top)}
         if token in seq.stop_ids:
             return self._finish(seq, None, "", "stop")
         text = seq.add_token(token)
         if seq.finish_reason == "stop":  # a stop string
-            return self._finish(seq, token, text, "stop")
+            return self._finish(seq, token, text, "stop", scored)
         if len(seq.output_ids) >= seq.max_tokens:
-            return self._finish(seq, token, text, "length")
+            return self._finish(seq, token, text, "length", scored)
         if len(seq.tokens) >= self.model.args.max_seq_len:
-            return self._finish(seq, token, text, "context")
-        return Event(seq, token, text, None)
+            return self._finish(seq, token, text, "context", scored)
+        return Event(seq, token, text, None, **scored)
 
-    def _finish(self, seq: Sequence, token: int | None, text: str, reason: str) -> Event:
+    def _finish(
+        self, seq: Sequence, token: int | None, text: str, reason: str, scored: dict | None = None
+    ) -> Event:
         self.scheduler.finish(seq, reason)
+        self._keep_prefix(seq)
         seq.cache = None
-        return Event(seq, token, text + seq.flush_text(), seq.finish_reason)
+        return Event(seq, token, text + seq.flush_text(), seq.finish_reason, **(scored or {}))
+
+    def _keep_prefix(self, seq: Sequence) -> None:
+        """Add the full blocks of the tokens `seq` has fed to the prefix cache, within the
+        KV budget left beside the reservations."""
+        prefix = self.scheduler.prefix
+        if prefix is not None and seq.cache is not None:
+            prefix.insert(seq.tokens, seq.cache, self.scheduler.prefix_room())
 
     def run(self) -> Iterator[Event]:
         """Step until every sequence has finished."""

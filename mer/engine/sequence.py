@@ -27,7 +27,9 @@ class Sequence:
 
     `n_fed` counts the tokens whose keys and values are in `cache`: the prompt is fed in
     chunks (prefill), then each generated token in the step after it was sampled. When every
-    token has been fed, the last step's logits sample the next one."""
+    token has been fed, the last step's logits sample the next one. A sequence admitted with a
+    cached prefix starts with `n_fed` at its length, the engine copying those keys and values
+    into `cache` when it makes it; `cached_tokens` counts the prompt tokens among them."""
 
     seq_id: int
     prompt_ids: list[int]
@@ -40,6 +42,7 @@ class Sequence:
     text: str = ""  # the generated text so far (stop strings cut off)
     cache: KVCache | None = None
     n_fed: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     status: Status = Status.WAITING
     finish_reason: str | None = None
     shown: int = 0  # characters of `text` handed out so far
