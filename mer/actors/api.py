@@ -293,6 +293,21 @@ class Api:
             return self._error(
                 ApiError(err.status, f"{request.method} {request.path}: {err.reason}", kind)
             )
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception as err:  # a bug: say where, in one line, and answer 500
+            import traceback
+
+            where = traceback.extract_tb(err.__traceback__)[-1]
+            self.actor.log.error(
+                "event=request_failed path=%s error=%s:%s at=%s:%d",
+                request.path,
+                type(err).__name__,
+                str(err).replace("\n", " ")[:200],
+                where.filename.rsplit("/", 1)[-1],
+                where.lineno,
+            )
+            return self._error(ApiError(500, "internal error; the log has details", "server_error"))
 
     async def health(self, request):
         from aiohttp import web
@@ -462,8 +477,9 @@ class Api:
             choice = Choice(index, f"{rid}-{index}", last=ticket.arrived)
             ticket.choices.append(choice)
             max_tokens = job.max_tokens
-            if max_tokens is None:
-                max_tokens = self.limits.context - len(job.prompt_of(index))
+            if max_tokens is None:  # the rest of the context, within the api's limit
+                room = self.limits.context - len(job.prompt_of(index))
+                max_tokens = min(room, self.limits.max_tokens)
             self.gateway.submit(
                 Submit(
                     choice.request,

@@ -325,7 +325,7 @@ def parse_completion(body: object, limits: Limits, encode: Callable[[str], list[
     vocab = limits.vocab_size
     if any(t >= vocab for p in prompts for t in p):
         raise bad("prompt", "holds a token id outside the vocabulary")
-    max_tokens = _integer(body, "max_tokens", 0, limits.max_tokens, 16)
+    max_tokens = _integer(body, "max_tokens", 0, limits.max_tokens, min(16, limits.max_tokens))
     for p in prompts:
         _max_tokens(max_tokens, len(p), limits)
     logprobs = _integer(body, "logprobs", 0, 5)

@@ -312,7 +312,16 @@ def openapi(model: str, limits: Limits | None = None) -> dict:
                         "description": "The completion, or with stream: server-sent events",
                         "content": {
                             "application/json": {"schema": _ref(response)},
-                            "text/event-stream": {"schema": {"type": "string"}},
+                            "text/event-stream": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["data"],
+                                    "properties": {
+                                        "data": {"type": "string"},
+                                        "event": {"type": "string"},
+                                    },
+                                }
+                            },
                         },
                     },
                     **generation_errors,

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
+import signal
 import struct
+import subprocess
+import sys
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -84,6 +88,9 @@ class Uring:
     def __init__(self, fd: int, depth: int) -> None:
         if liburing is None:
             raise OSError(errno.ENOSYS, "the liburing package is not importable")
+        problem = liburing_problem()
+        if problem is not None:
+            raise OSError(errno.ENOTSUP, problem)
         if not _iovec_layout_ok():
             raise OSError(errno.ENOTSUP, "unexpected liburing.Iovec memory layout")
         self._fd = fd
@@ -134,6 +141,31 @@ class Uring:
     def close(self) -> None:
         liburing.io_uring_queue_exit(self._ring)
         os.close(self.event_fd)
+
+
+@functools.cache
+def liburing_problem() -> str | None:
+    """Why the liburing package cannot run here, or None. Its wheels are built for newer CPUs
+    than some that run mer (the 2026 wheels execute AVX-512 instructions when a ring is
+    made, and die of SIGILL on a CPU without them), and a crash cannot be caught, so a ring
+    is made first in a child process, once per process."""
+    probe = (
+        "import liburing; r = liburing.Ring(); liburing.io_uring_queue_init(2, r); "
+        "liburing.io_uring_queue_exit(r)"
+    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"the liburing probe failed: {err}"
+    if proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name
+        return f"the liburing package dies on this CPU or kernel ({name} when a ring is made)"
+    if proc.returncode != 0:
+        last = (proc.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
+        return f"the liburing package cannot make a ring: {last}"
+    return None
 
 
 def _iovec_entry(iov: Any) -> Any:
