@@ -64,6 +64,7 @@ class EngineConfig:
     max_seqs: int = 16
     prefill_chunk: int = 256
     kv_budget_tokens: int = 65536
+    prefix_cache: bool = True  # reuse the KV of prompt prefixes seen before (bit-identical)
     threads: int | None = None  # kernel threads of the engine (default: all cores)
 
 

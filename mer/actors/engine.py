@@ -222,7 +222,13 @@ def main() -> None:
     core = EngineCore(
         Engine(
             model,
-            SchedulerConfig(e.max_batch_tokens, e.max_seqs, e.prefill_chunk, e.kv_budget_tokens),
+            SchedulerConfig(
+                e.max_batch_tokens,
+                e.max_seqs,
+                e.prefill_chunk,
+                e.kv_budget_tokens,
+                prefix_cache=e.prefix_cache,
+            ),
         )
     )
     sock = actor.socket(zmq.ROUTER)

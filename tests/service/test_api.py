@@ -384,3 +384,45 @@ def test_classes_weighted_3_to_1_are_admitted_3_to_1(tmp_path):
         assert 3 * 0.85 <= first["a"] / first["b"] <= 3 * 1.15, first
     finally:
         service.stop()
+
+
+def test_a_shared_system_prompt_is_computed_once(service):
+    """Two chats sharing a ~500-token system prompt: the second finds it in the prefix cache
+    (its time to first token a fraction of the first's) and gives the tokens a run without
+    the cache gives."""
+    from mer.model import load_model
+    from mer.models.sources import resolve_model
+    from mer.sampling import SamplingParams
+
+    system = "You are a careful assistant. " + " ".join(
+        f"Rule {i}: answer plainly and check each fact twice." for i in range(50)
+    )
+    c = client(service)
+
+    def ask(question):
+        start, first, text, usage = time.monotonic(), None, "", None
+        for chunk in c.chat.completions.create(
+            model="",
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        ):
+            if chunk.choices and chunk.choices[0].delta.content and first is None:
+                first = time.monotonic() - start
+            text += chunk.choices[0].delta.content or "" if chunk.choices else ""
+            usage = chunk.usage or usage
+        return first, text, usage
+
+    ttft_1, _, usage_1 = ask("What is two plus two?")
+    ttft_2, text_2, usage_2 = ask("Name a colour.")
+    assert usage_1.prompt_tokens > 500
+    assert usage_2.prompt_tokens_details.cached_tokens >= usage_1.prompt_tokens - 32
+    assert ttft_2 <= 0.3 * ttft_1, (ttft_1, ttft_2)
+    model = load_model(resolve_model(None))  # no prefix cache in Model.generate
+    prompt = model.tokenizer.encode_chat(
+        [{"role": "system", "content": system}, {"role": "user", "content": "Name a colour."}]
+    )
+    alone = list(model.generate(prompt, SamplingParams(temperature=0), max_tokens=12))
+    assert model.tokenizer.decode(alone) == text_2
