@@ -406,14 +406,30 @@ class Api:
         assert self.limits is not None
         try:
             if kind == "chat":
-                return parse_chat(
+                job = parse_chat(
                     body,
                     self.limits,
                     lambda messages, tools: self.tokenizer.encode_chat(messages, True, tools),
                 )
-            return parse_completion(body, self.limits, self.tokenizer.encode)
+            else:
+                job = parse_completion(body, self.limits, self.tokenizer.encode)
         except (ChatTemplateError, ModelFormatError) as err:
             raise ApiError(400, str(err), param="messages") from None
+        return self._checked(job)
+
+    def _checked(self, job: Job) -> Job:
+        """A job whose output grammar (if any) compiles: a schema that cannot be one is the
+        client's 400, named, before anything runs."""
+        from mer.engine.engine import compile_grammar
+        from mer.errors import ParamError
+
+        spec = _grammar(job)
+        if spec is not None:
+            try:
+                compile_grammar(spec, self.tokenizer)
+            except ParamError as err:
+                raise ApiError(400, str(err), param=err.name) from None
+        return job
 
     async def _generate(self, request, kind: str):
         arrived = time.monotonic()
@@ -699,40 +715,19 @@ class Api:
 
 
 def _grammar(job: Job) -> dict | None:
-    """What the engine constrains each choice's output to: the response format, or for tool
-    calls that must happen, the function's arguments (named) or any function's call
-    (required)."""
+    """What the engine constrains each choice's output to (`mer.engine.engine.
+    compile_grammar`): the response format; or, for a tool call that must happen, the named
+    function's arguments, or a call to any of the tools (tool_choice required)."""
     if job.response_format is not None:
-        rf = job.response_format
-        if rf["type"] == "json_object":
-            return {"type": "json_object"}
-        return {"type": "json_schema", "schema": rf["json_schema"]["schema"]}
+        return {"response_format": job.response_format}
     if not job.tools:
         return None
     if isinstance(job.tool_choice, dict):
         name = job.tool_choice["function"]["name"]
-        for tool in job.tools:
-            if tool["function"]["name"] == name:
-                return {"type": "json_schema", "schema": _parameters(tool)}
+        return {"tool": next(t for t in job.tools if t["function"]["name"] == name)}
     if job.tool_choice == "required":
-        calls = [
-            {
-                "type": "object",
-                "properties": {
-                    "name": {"const": tool["function"]["name"]},
-                    "arguments": _parameters(tool),
-                },
-                "required": ["name", "arguments"],
-                "additionalProperties": False,
-            }
-            for tool in job.tools
-        ]
-        return {"type": "json_schema", "schema": {"anyOf": calls}}
+        return {"tools": job.tools}
     return None
-
-
-def _parameters(tool: dict) -> dict:
-    return tool["function"].get("parameters") or {"type": "object", "properties": {}}
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from mer.engine.engine import Engine
+from mer.engine.engine import Engine, compile_grammar
 from mer.engine.scheduler import SchedulerConfig
 from mer.engine.sequence import Sequence
 from mer.errors import MerError, ParamError
@@ -127,6 +127,9 @@ class EngineCore:
         if max(body.prompt_ids) >= model.args.vocab_size or min(body.prompt_ids) < 0:
             return [(peer, Rejected(body.request, 400, "a prompt token is outside the vocabulary"))]
         try:
+            grammar = None
+            if body.grammar is not None:
+                grammar = compile_grammar(body.grammar, model.tokenizer)
             seq = self.engine.submit(
                 body.prompt_ids,
                 params,
@@ -134,6 +137,7 @@ class EngineCore:
                 stop_ids=None if body.stop_ids is None else frozenset(body.stop_ids),
                 stop_strings=body.stop_strings,
                 resume_ids=body.resume_ids,
+                grammar=grammar,
             )
         except (MerError, ValueError) as err:
             return [(peer, Rejected(body.request, 400, str(err)))]

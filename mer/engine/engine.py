@@ -45,6 +45,20 @@ class Event:
     top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
+def compile_grammar(spec: dict, tokenizer):
+    """The grammar a request's output must follow (`mer.structured`), from what the api sends:
+    {"response_format": {...}} (OpenAI's), {"tool": {...}} (the arguments of a named tool
+    call) or {"tools": [...]} (a call to any of them: {"name": .., "arguments": {..}}).
+    Raises SchemaError (a ParamError naming the field) for a schema that cannot be one."""
+    from mer.structured import compile_response_format, compile_tool_arguments, compile_tool_call
+
+    if "response_format" in spec:
+        return compile_response_format(spec["response_format"], tokenizer)
+    if "tool" in spec:
+        return compile_tool_arguments(spec["tool"], tokenizer)
+    return compile_tool_call(spec["tools"], tokenizer)
+
+
 class Engine:
     """Runs many sequences through `model` (a mer Model) in batched steps."""
 
@@ -65,11 +79,14 @@ class Engine:
         stop_strings: Seq[str] = (),
         seq_id: int | None = None,
         resume_ids: Seq[int] = (),
+        grammar=None,
     ) -> Sequence:
         """Queue a generation; the model's end-of-sequence ids stop it unless `stop_ids`
         says otherwise. `resume_ids`: tokens this generation already produced (before a
         restart): they are fed after the prompt and generation goes on from there, drawing
-        what it would have drawn (a seed is then needed for sampled generations)."""
+        what it would have drawn (a seed is then needed for sampled generations).
+        `grammar` (a `mer.structured.Grammar`): each token is drawn among those it allows,
+        and the generation stops when the grammar is complete."""
         tok = self.model.tokenizer
         if stop_ids is None:
             stop_ids = tok.eos_token_ids if tok else frozenset()
@@ -82,6 +99,10 @@ class Engine:
             stop_strings=tuple(stop_strings),
             tokenizer=tok,
         )
+        if grammar is not None:
+            seq.matcher = grammar.matcher()
+            for token in resume_ids:
+                seq.matcher.advance(token)
         if resume_ids:
             seq.resume(list(resume_ids))
         if len(seq.output_ids) >= max_tokens:
@@ -144,15 +165,22 @@ class Engine:
     def _sample(self, seq: Sequence, logits: np.ndarray) -> Event:
         if self.keep_logits:
             seq.logits.append(logits.copy())
+        raw = logits
+        if seq.matcher is not None:  # only what the grammar allows next
+            logits = logits.copy()
+            seq.matcher.mask_logits(logits)
         token = seq.sampler.sample(logits, seq.tokens)
         scored = {}
         if seq.params.logprobs is not None:
-            logprob, top = log_probs(logits, token, seq.params.logprobs)
+            logprob, top = log_probs(raw, token, seq.params.logprobs)
             scored = {"logprob": logprob, "top_logprobs": tuple(top)}
         if token in seq.stop_ids:
             return self._finish(seq, None, "", "stop")
+        if seq.matcher is not None:
+            seq.matcher.advance(token)
         text = seq.add_token(token)
-        if seq.finish_reason == "stop":  # a stop string
+        if seq.finish_reason == "stop" or (seq.matcher is not None and seq.matcher.done):
+            # a stop string, or the grammar is complete
             return self._finish(seq, token, text, "stop", scored)
         if len(seq.output_ids) >= seq.max_tokens:
             return self._finish(seq, token, text, "length", scored)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from mer.models.transformer import KVCache
 from mer.sampling import Sampler, SamplingParams
@@ -47,6 +48,7 @@ class Sequence:
     finish_reason: str | None = None
     shown: int = 0  # characters of `text` handed out so far
     logits: list = field(default_factory=list)  # what it sampled from, when the engine keeps it
+    matcher: Any = None  # a mer.structured Matcher when the output follows a grammar
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:

@@ -426,3 +426,175 @@ def test_a_shared_system_prompt_is_computed_once(service):
     )
     alone = list(model.generate(prompt, SamplingParams(temperature=0), max_tokens=12))
     assert model.tokenizer.decode(alone) == text_2
+
+
+SCHEMAS = {
+    "person": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+            "address": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "maxLength": 20},
+                    "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+                },
+                "required": ["city", "zip"],
+                "additionalProperties": False,
+            },
+        },
+        "required": ["name", "age", "address"],
+        "additionalProperties": False,
+    },
+    "shopping": {
+        "type": "object",
+        "properties": {
+            "items": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 3,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "what": {"type": "string", "maxLength": 15},
+                        "kind": {"enum": ["fruit", "vegetable", "bread"]},
+                        "count": {"type": "number"},
+                    },
+                    "required": ["what", "kind", "count"],
+                    "additionalProperties": False,
+                },
+            },
+            "urgent": {"type": "boolean"},
+        },
+        "required": ["items", "urgent"],
+        "additionalProperties": False,
+    },
+    "choice": {"enum": ["yes", "no", "maybe"]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_json_schema_output_always_validates(service, name):
+    import jsonschema
+
+    c = client(service)
+    schema = SCHEMAS[name]
+    for temperature in (0.0, 1.0):
+        reply = c.chat.completions.create(
+            model="",
+            messages=[{"role": "user", "content": f"Give me a {name} as JSON."}],
+            max_tokens=200,
+            temperature=temperature,
+            seed=5,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": name, "schema": schema, "strict": True},
+            },
+        )
+        assert reply.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+    pieces, finish = [], None
+    for chunk in c.chat.completions.create(
+        model="",
+        messages=[{"role": "user", "content": 'Reply with {"answer": "yes"} as JSON.'}],
+        max_tokens=200,
+        temperature=0,
+        stream=True,
+        response_format={"type": "json_object"},
+    ):
+        pieces.append(chunk.choices[0].delta.content or "")
+        finish = chunk.choices[0].finish_reason or finish
+    # any object: a model may nest without end, cut by max_tokens ("length"); when it ends
+    # by itself, it is an object
+    assert finish == "length" or isinstance(json.loads("".join(pieces)), dict)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "maxLength": 10}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_tool_calls_follow_the_functions_schema(service):
+    import jsonschema
+
+    c = client(service)
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = c.chat.completions.create(
+        model="",
+        messages=messages,
+        tools=[WEATHER, TIME],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=60,
+        temperature=0,
+    )
+    choice = named.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    required = c.chat.completions.create(
+        model="",
+        messages=messages,
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        max_tokens=60,
+        temperature=0,
+    )
+    (call,) = required.choices[0].message.tool_calls
+    tool = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+    # the conversation goes on with the call and its result
+    follow = c.chat.completions.create(
+        model="",
+        messages=[
+            *messages,
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'},
+        ],
+        tools=[WEATHER, TIME],
+        tool_choice="none",
+        max_tokens=8,
+        temperature=0,
+    )
+    assert follow.choices[0].message.tool_calls is None
+
+
+def test_an_invalid_schema_is_a_400_naming_it(service):
+    for response_format in (
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}},
+    ):
+        status, body, _ = post(
+            service,
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "response_format": response_format},
+        )
+        error = json.loads(body)["error"]
+        assert status == 400 and "response_format" in error["message"], error
+    assert post(service, "/v1/completions", {"prompt": "Hi", "max_tokens": 2})[0] == 200
