@@ -85,7 +85,8 @@ class InProcess:
 class Serve:
     """`mer serve` on the model, in its own runtime directory."""
 
-    def __init__(self, path: str, cache: int | None, tmp: Path) -> None:
+    def __init__(self, path: str, cache: int | None, tmp: Path, extra: str = "") -> None:
+        """`extra`: more configuration (TOML tables other than [supervisor] and [cache])."""
         self.model_path = str(Path(path).resolve())
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -94,6 +95,7 @@ class Serve:
         text = f'[supervisor]\nruntime_dir = "{self.run_dir}"\n'
         if cache:
             text += f"[cache]\nbytes = {cache}\n"
+        text += extra
         config.write_text(text)
         cmd = [sys.executable, "-m", "mer.cli", "serve", "--model", path, "--port", str(self.port)]
         cmd += ["--config", str(config), "--log-level", "warning"]
