@@ -146,9 +146,10 @@ def plots(report: dict, out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     s = [med(r, "decode_s_per_token") for r in rows]
+    spread = [r.get("decode_s_per_token") or {} for r in rows]  # {} when no trial was clean
     err = [
-        [m - (r["decode_s_per_token"]["min"]) for m, r in zip(s, rows, strict=True)],
-        [(r["decode_s_per_token"]["max"]) - m for m, r in zip(s, rows, strict=True)],
+        [m - d.get("min", m) for m, d in zip(s, spread, strict=True)],
+        [d.get("max", m) - m for m, d in zip(s, spread, strict=True)],
     ]
     ax.errorbar(budgets, s, yerr=err, marker="o", label="mer (store)")
     llama = disk.get("llama.cpp mmap, repack off")
