@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 import time
 
 from mer.cli.common import FlagError, finite, parse_size, text, whole
@@ -123,18 +122,27 @@ def _run_generate(opts: argparse.Namespace) -> int:
 
 
 def _warm_up(model) -> float:
-    """Compile the kernels before timing anything; say so on a terminal when it takes long."""
+    """Compile the kernels before timing anything; on a terminal, say so when numba really
+    compiles (not when it loads them from its cache)."""
+    from numba.core import event
+
+    class Notice(event.Listener):
+        said = False
+
+        def on_start(self, _event) -> None:
+            if not self.said:
+                self.said = True
+                print("mer: compiling kernels (first run only)...", file=sys.stderr, flush=True)
+
+        def on_end(self, _event) -> None:
+            pass
+
     start = time.perf_counter()
-    notice = threading.Timer(
-        0.5,
-        lambda: print("mer: compiling kernels (first run only)...", file=sys.stderr, flush=True),
-    )
     if sys.stderr.isatty():
-        notice.start()
-    try:
+        with event.install_listener("numba:compile", Notice()):
+            model.warm_up()
+    else:
         model.warm_up()
-    finally:
-        notice.cancel()
     return time.perf_counter() - start
 
 

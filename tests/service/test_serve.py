@@ -14,7 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.conftest import generate_json, mer_processes, stream_completion
+from tests.service.conftest import (
+    generate_json,
+    mer_processes,
+    served_model,
+    stream_completion,
+)
 from tests.support.cli import shm_segments, wait_for
 
 PROMPT = "The river ran quietly past the old mill, and the children"
@@ -43,7 +48,7 @@ def test_tokens_equal_mer_generate(service_factory, small_store, workers):
         assert finish == ("length" if ref["finish_reason"] != "stop" else "stop")
     client = OpenAI(base_url=service.url + "/v1", api_key="unused", max_retries=0)
     whole = client.completions.create(
-        model="m",
+        model=served_model(client),
         prompt=PROMPT,
         max_tokens=24,
         temperature=0,
@@ -229,6 +234,7 @@ def test_sigterm_drains(service_factory, small_store):
 
     service = service_factory()
     service.wait_ready()
+    client = OpenAI(base_url=service.url + "/v1", api_key="unused", max_retries=0)
     ref = generate_json(small_store, PROMPT, 100, 2)
     results = {}
 
@@ -244,9 +250,8 @@ def test_sigterm_drains(service_factory, small_store):
     thread = threading.Thread(target=long_request)
     thread.start()
     wait_for(lambda: "event=draining" in service.output(), 60, "the drain to begin")
-    client = OpenAI(base_url=service.url + "/v1", api_key="unused", max_retries=0)
     with pytest.raises(APIStatusError) as refused:
-        client.completions.create(model="m", prompt="hi", max_tokens=2)
+        client.completions.create(model=served_model(client), prompt="hi", max_tokens=2)
     assert refused.value.status_code == 503
     thread.join(120)
     assert results["ids"] == ref["token_ids"]
