@@ -256,7 +256,7 @@ class StatusQuery(Body):
 class Status(Body):
     """Every actor: {"state": "serving", "actors": [{"kind": "engine", "index": 0,
     "pid": 4242, "incarnation": "3f2a9c1e", "restarts": 0, "ready": true,
-    "heartbeat_age_s": 0.4}]}"""
+    "heartbeat_age_s": 0.4, "uptime_s": 812.5}]} (uptime: since this incarnation started)"""
 
     KIND: ClassVar[str] = "status"
     state: str

@@ -99,6 +99,8 @@ class CacheStats:
     hits_by_layer: dict[int, int] = field(default_factory=dict)
     pending_by_layer: dict[int, int] = field(default_factory=dict)
     misses_by_layer: dict[int, int] = field(default_factory=dict)
+    found_by_expert: dict[ExpertKey, int] = field(default_factory=dict)  # hits + pending hits
+    misses_by_expert: dict[ExpertKey, int] = field(default_factory=dict)
 
     @property
     def acquires(self) -> int:
@@ -404,6 +406,8 @@ class ExpertCache:
             if entry.prefetched:
                 entry.prefetched = False
                 self.stats.prefetch_used += 1
+            found = self.stats.found_by_expert
+            found[key] = found.get(key, 0) + 1
             if entry.ready:
                 self.stats.hits += 1
                 self.stats.hits_by_layer[layer] = self.stats.hits_by_layer.get(layer, 0) + 1
@@ -419,6 +423,7 @@ class ExpertCache:
         self._add(_Entry(key, slot, leases=1, last_use=self.now))
         self.stats.misses += 1
         self.stats.misses_by_layer[layer] = self.stats.misses_by_layer.get(layer, 0) + 1
+        self.stats.misses_by_expert[key] = self.stats.misses_by_expert.get(key, 0) + 1
         return Status.MISS, slot
 
     def complete(self, key: ExpertKey, ok: bool = True) -> None:

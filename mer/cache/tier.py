@@ -25,6 +25,7 @@ from mer.cache.sources import ExpertSource, Segment
 
 logger = logging.getLogger(__name__)
 _LATENCIES = 4096  # cold-read latencies kept for percentiles
+PER_EXPERT_MAX = 16  # telemetry counts each expert's lookups for models with this many at most
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,8 @@ class CacheTier:
                 }
                 for layer in layers
             },
+            "per_expert": _per_expert(c),
+            "resident": len(self.cache.resident()),
             "demand_reads": s.demand_reads,
             "prefetch_reads": s.prefetch_reads,
             "bytes_read": s.bytes_read,
@@ -215,3 +218,18 @@ class CacheTier:
             "prefetch_recall": c.prefetch_used / max(c.prefetch_used + c.misses, 1),
             "prefetch_wasted_bytes": c.prefetch_wasted * s.bytes_read // max(reads, 1),
         }
+
+
+def _per_expert(c) -> dict:
+    """{layer: {expert: [found, misses]}} where no layer has more than PER_EXPERT_MAX experts
+    (a dashboard's heatmap); {} for models with more."""
+    keys = set(c.found_by_expert) | set(c.misses_by_expert)
+    if not keys or max(e for _, e in keys) >= PER_EXPERT_MAX:
+        return {}
+    out: dict = {}
+    for key in sorted(keys):
+        out.setdefault(key[0], {})[key[1]] = [
+            c.found_by_expert.get(key, 0),
+            c.misses_by_expert.get(key, 0),
+        ]
+    return out

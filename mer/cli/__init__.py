@@ -23,6 +23,7 @@ from mer.cli.files import add_convert, add_trace, run_models
 from mer.cli.generate import add_generate
 from mer.cli.serve import add_serve
 from mer.cli.synth import add_synth
+from mer.cli.top import add_top
 from mer.errors import MerError, os_error_text
 
 __all__ = ["build_parser", "main", "parse_size"]
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_synth(sub)
     add_bench(sub)
     add_serve(sub)
+    add_top(sub)
     return parser
 
 

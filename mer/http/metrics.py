@@ -231,6 +231,22 @@ class _Snapshot:
             misses.add_metric([self.model, str(layer)], figures.get("misses", 0))
         yield hits
         yield misses
+        per_expert = cache.get("per_expert") or {}
+        if per_expert:  # models with few experts: a heatmap's worth of series
+            labels = ["model_name", "layer", "expert"]
+            found = CounterMetricFamily(
+                "mer:expert_cache_expert_hits", "Lookups of one expert found in RAM", labels=labels
+            )
+            missed = CounterMetricFamily(
+                "mer:expert_cache_expert_misses", "Lookups of one expert that read the disk",
+                labels=labels,
+            )  # fmt: skip
+            for layer, experts in sorted(per_expert.items(), key=_layer_key):
+                for expert, (n_found, n_missed) in sorted(experts.items(), key=_layer_key):
+                    found.add_metric([self.model, str(layer), str(expert)], n_found)
+                    missed.add_metric([self.model, str(layer), str(expert)], n_missed)
+            yield found
+            yield missed
         for name, key, text in (
             ("ssd_read_bytes", "bytes_read", "Bytes of experts read from the disk"),
             ("ssd_read_seconds", "read_busy_s", "Seconds the disk was busy with expert reads"),
@@ -246,6 +262,11 @@ class _Snapshot:
         )
         slots.add_metric(m, cache.get("slots", 0))
         yield slots
+        resident = GaugeMetricFamily(
+            "mer:expert_cache_resident", "Experts in RAM or being read now", labels=["model_name"]
+        )
+        resident.add_metric(m, cache.get("resident", 0))
+        yield resident
 
 
 def _layer_key(item):

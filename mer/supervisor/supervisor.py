@@ -82,6 +82,7 @@ class Child:
             "restarts": self.restarts,
             "ready": self.ready,
             "heartbeat_age_s": round(now - self.last_beat, 3) if self.last_beat else None,
+            "uptime_s": round(now - self.started, 3) if self.started else None,
         }
 
 
