@@ -16,6 +16,7 @@ Prometheus's rate() does.
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import time
@@ -76,7 +77,7 @@ def fetch(url: str, api_key: str | None = None, timeout: float = 5.0) -> Sample:
                 return r.status, r.read()
         except urllib.error.HTTPError as err:
             return err.code, err.read()
-        except (urllib.error.URLError, OSError) as err:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
             reason = getattr(err, "reason", err)
             text = getattr(reason, "strerror", None) or str(reason)
             raise ServiceUnavailable(f"no service answers at {base} ({text})") from None

@@ -151,6 +151,22 @@ def test_dashboard_follows_generation_and_shows_a_compute_restart(service):
             [row] = [a for a in app.view.actors if (a.kind, a.index) == ("compute", 0)]
             assert row.restarts == compute["restarts"] + 1 and row.pid != compute["pid"]
 
+            # the api itself restarts: the dashboard waits, then follows the new one
+            api = service.actor("api", 0)
+            os.kill(api["pid"], signal.SIGKILL)
+            await until(
+                pilot,
+                lambda: (
+                    any(
+                        (a.kind, a.restarts) == ("api", api["restarts"] + 1)
+                        for a in app.view.actors
+                    )
+                    and app.problem is None
+                ),
+                30,
+                "the new api in the dashboard",
+            )
+
             polls = app.polls
             await pilot.press("p")
             assert "[paused]" in app.panel_text("title")
