@@ -1,4 +1,5 @@
-"""Mixtral's top-k router: softmax over expert logits, keep the k largest, renormalise.
+"""The softmax top-k router: softmax over expert logits, keep the k largest, and (Mixtral,
+Qwen3-MoE with `norm_topk_prob`) renormalise them to sum to 1, or (OLMoE) keep them as they are.
 
 # n = tokens, E = experts, A = active experts per token (top-k)
 """
@@ -10,7 +11,7 @@ from numba import njit
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _route(logits, k, idx, weights):  # pragma: no cover - compiled
+def _route(logits, k, normalize, idx, weights):  # pragma: no cover - compiled
     n, e = logits.shape
     probs = np.empty(e, np.float32)
     for t in range(n):
@@ -39,12 +40,14 @@ def _route(logits, k, idx, weights):  # pragma: no cover - compiled
             weights[t, a] = probs[best]
             kept += probs[best]
             probs[best] = -1.0
-        for a in range(k):
-            weights[t, a] /= kept
+        if normalize:
+            for a in range(k):
+                weights[t, a] /= kept
 
 
-def route(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Expert ids int64 [n, A] (by falling weight) and their renormalised weights float32 [n, A]."""
+def route(logits: np.ndarray, k: int, normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Expert ids int64 [n, A] (by falling weight) and their weights float32 [n, A]:
+    renormalised over the k chosen (`normalize`), or their softmax over all experts."""
     if logits.dtype != np.float32 or logits.ndim != 2:
         raise ValueError("route: logits must be float32 [n, E]")
     if not 1 <= k <= logits.shape[1]:
@@ -52,14 +55,18 @@ def route(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     n = logits.shape[0]
     idx = np.empty((n, k), np.int64)
     weights = np.empty((n, k), np.float32)
-    _route(np.ascontiguousarray(logits), k, idx, weights)
+    _route(np.ascontiguousarray(logits), k, normalize, idx, weights)
     return idx, weights
 
 
-def route_reference(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def route_reference(
+    logits: np.ndarray, k: int, normalize: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     x = logits.astype(np.float64)
     probs = np.exp(x - x.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     idx = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
     top = np.take_along_axis(probs, idx, -1)
-    return idx, (top / top.sum(-1, keepdims=True)).astype(np.float32)
+    if normalize:
+        top = top / top.sum(-1, keepdims=True)
+    return idx, top.astype(np.float32)

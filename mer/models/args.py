@@ -28,7 +28,7 @@ class RopeArgs:
 class ModelArgs:
     """The shape of a Llama-family decoder; a dense FFN is one expert that is always selected."""
 
-    arch: str  # "llama" | "mixtral"
+    arch: str  # "llama" | "mixtral" | "qwen3moe" | "olmoe"
     vocab_size: int
     dim: int
     n_layers: int
@@ -43,6 +43,12 @@ class ModelArgs:
     tie_embeddings: bool = False
     sliding_window: int | None = None
     rope: RopeArgs = field(default_factory=RopeArgs)
+    # RMSNorm of queries and keys before RoPE: None, "head" (each head over its head_dim,
+    # weights [hd]: Qwen3) or "full" (the whole projection, weights [H*hd] and [G*hd]: OLMoE)
+    qk_norm: str | None = None
+    # renormalise the top-k routing weights to sum to 1 (Mixtral's softmax over the top k is
+    # the same thing); False keeps the softmax over all experts (OLMoE, some Qwen3-MoE)
+    norm_topk_prob: bool = True
 
     def __post_init__(self) -> None:
         for name in (
@@ -60,6 +66,8 @@ class ModelArgs:
             raise ModelFormatError(
                 "model config: num_attention_heads must be a multiple of num_key_value_heads"
             )
+        if self.qk_norm not in (None, "head", "full"):
+            raise ModelFormatError(f"model config: qk_norm {self.qk_norm!r} is not known")
         if not 1 <= self.n_experts_per_tok <= self.n_experts:
             raise ModelFormatError(
                 "model config: num_experts_per_tok must be between 1 and the number of experts"

@@ -16,7 +16,7 @@ from mer.errors import ModelFormatError
 from mer.io.raw import to_float32
 from mer.io.safetensors import SafetensorsDir
 from mer.kernels.matmul import PackedWeight, pack_float, quantize
-from mer.models import llama, mixtral
+from mer.models import llama, mixtral, olmoe, qwen3moe
 from mer.models.args import ModelArgs
 from mer.models.weights import (
     Embedding,
@@ -29,6 +29,8 @@ from mer.models.weights import (
 ARCHITECTURES: dict[str, ModuleType] = {
     "LlamaForCausalLM": llama,
     "MixtralForCausalLM": mixtral,
+    "Qwen3MoeForCausalLM": qwen3moe,
+    "OlmoeForCausalLM": olmoe,
 }
 QUANT_KINDS = ("q8_0", "q4_0")
 
@@ -72,9 +74,23 @@ class _Loader:
     ) -> None:
         self.src, self.args, self.quant, self.stream = src, args, quant, stream
 
-    def vector(self, name: str) -> np.ndarray:
-        arr, kind = self.src.get(name, (self.args.dim,))
+    def vector(self, name: str, length: int | None = None) -> np.ndarray:
+        arr, kind = self.src.get(name, (length or self.args.dim,))
         return np.ascontiguousarray(to_float32(arr, kind))
+
+    def qk_norms(self, prefix: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+        a = self.args
+        if a.qk_norm is None:
+            return None, None
+        q_len, k_len = (
+            (a.head_dim, a.head_dim)
+            if a.qk_norm == "head"
+            else (a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim)
+        )
+        return (
+            self.vector(prefix + "self_attn.q_norm.weight", q_len),
+            self.vector(prefix + "self_attn.k_norm.weight", k_len),
+        )
 
     def matrix(self, name: str, shape: tuple[int, int]) -> PackedWeight:
         arr, kind = self.src.get(name, shape)
@@ -118,7 +134,10 @@ class _Loader:
         if router_name is not None:
             arr, kind = self.src.get(router_name, (a.n_experts, a.dim))
             router = np.ascontiguousarray(to_float32(arr, kind))
+        q_norm, k_norm = self.qk_norms(p)
         return LayerWeights(
+            q_norm=q_norm,
+            k_norm=k_norm,
             attn_norm=self.vector(p + "input_layernorm.weight"),
             wq=self.matrix(p + "self_attn.q_proj.weight", (q_dim, a.dim)),
             wk=self.matrix(p + "self_attn.k_proj.weight", (kv_dim, a.dim)),

@@ -1,8 +1,10 @@
 """Mixtral (MixtralForCausalLM): a top-k routed mixture of SwiGLU experts.
 
-Checkpoints name experts two ways: per expert (`block_sparse_moe.experts.E.w1/w3/w2` =
-gate/up/down, as published and as transformers saves them) or stacked (`mlp.experts.
-gate_up_proj` [E, 2I, D] and `down_proj` [E, D, I], transformers 5's in-memory layout).
+Checkpoints name experts three ways: per expert (`block_sparse_moe.experts.E.w1/w3/w2` =
+gate/up/down, as Mixtral is published and as transformers saves it; `mlp.experts.E.
+gate_proj/up_proj/down_proj` with the router at `mlp.gate`, as Qwen-MoE and OLMoE are) or
+stacked (`mlp.experts.gate_up_proj` [E, 2I, D] and `down_proj` [E, D, I], transformers 5's
+in-memory layout). `ffn_tensors` takes any of them, for every softmax-top-k MoE here.
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ def ffn_tensors(
         down, down_kind = src.get(stacked + "experts.down_proj", (n, d, i))
         triples = [
             ((gate_up[e, :i], gu_kind), (gate_up[e, i:], gu_kind), (down[e], down_kind))
+            for e in range(n)
+        ]
+        return stacked + "gate.weight", triples
+    if src.has(stacked + "experts.0.gate_proj.weight"):  # Qwen-MoE and OLMoE as published
+        triples = [
+            (
+                src.get(f"{stacked}experts.{e}.gate_proj.weight", (i, d)),
+                src.get(f"{stacked}experts.{e}.up_proj.weight", (i, d)),
+                src.get(f"{stacked}experts.{e}.down_proj.weight", (d, i)),
+            )
             for e in range(n)
         ]
         return stacked + "gate.weight", triples

@@ -1,4 +1,4 @@
-"""The decoder forward pass shared by Llama and Mixtral.
+"""The decoder forward pass shared by Llama, Mixtral, Qwen3-MoE and OLMoE.
 
 # n = tokens in this call, D = hidden, H = query heads, G = KV heads, hd = head dim,
 # E = experts, A = active experts per token, V = vocabulary
@@ -155,6 +155,13 @@ class Transformer:
         args = self.args
         n = h.shape[0]
         q, k, v = self.executor.products([(layer.wq, h), (layer.wk, h), (layer.wv, h)])
+        if args.qk_norm == "full":  # over the whole projection (OLMoE)
+            q = rmsnorm(q, layer.q_norm, args.norm_eps)
+            k = rmsnorm(k, layer.k_norm, args.norm_eps)
+        elif args.qk_norm == "head":  # each head over its own dimensions (Qwen3)
+            hd = args.head_dim
+            q = rmsnorm(q.reshape(-1, hd), layer.q_norm, args.norm_eps)
+            k = rmsnorm(k.reshape(-1, hd), layer.k_norm, args.norm_eps)
         q = q.reshape(n, args.n_heads, args.head_dim)
         k = k.reshape(n, args.n_kv_heads, args.head_dim)
         v = v.reshape(n, args.n_kv_heads, args.head_dim)
@@ -176,7 +183,7 @@ class Transformer:
         else:
             scores = router_logits(h, layer.router)
             _check(check, scores, f"the router of layer {index}", "router")
-            chosen, weights = route(scores, self.args.n_experts_per_tok)  # [n, A]
+            chosen, weights = route(scores, self.args.n_experts_per_tok, self.args.norm_topk_prob)
         ids = np.unique(chosen).tolist()
         if self.routing_observer is not None and layer.router is not None:
             self.routing_observer(index, chosen, h)

@@ -57,6 +57,8 @@ class LayerWeights:
     router: np.ndarray | None  # float32 [E, D]; None for a dense FFN (one expert, always chosen)
     # resident experts, or where each lies on disk when they are streamed through the cache
     experts: Sequence[ExpertWeights] | Sequence[ExpertSpec]
+    q_norm: np.ndarray | None = None  # float32 [hd] or [H*hd] (ModelArgs.qk_norm)
+    k_norm: np.ndarray | None = None  # float32 [hd] or [G*hd]
 
 
 class Embedding:

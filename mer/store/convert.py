@@ -50,7 +50,7 @@ def dense_tensors(weights: ModelWeights) -> Iterator[tuple[str, PackedWeight | n
     yield "norm", weights.norm
     yield "lm_head", weights.lm_head
     for i, layer in enumerate(weights.layers):
-        for name in ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "router"):
+        for name in ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "router", "q_norm", "k_norm"):
             value = getattr(layer, name)
             if value is not None:
                 yield f"layers.{i}.{name}", value

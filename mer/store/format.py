@@ -100,6 +100,7 @@ _JSON_TYPES = {
     "bool": (bool,),
     "str": (str,),
     "int | None": (int, type(None)),
+    "str | None": (str, type(None)),
 }
 
 

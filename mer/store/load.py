@@ -169,11 +169,16 @@ def _dense_weights(
     d, q_dim = args.dim, args.n_heads * args.head_dim
     kv_dim = args.n_kv_heads * args.head_dim
     resident = None if stream else experts.resident(verify)
+    q_len = k_len = args.head_dim
+    if args.qk_norm == "full":
+        q_len, k_len = q_dim, kv_dim
     layers = []
     for i in range(args.n_layers):
         p = f"layers.{i}."
         layers.append(
             LayerWeights(
+                q_norm=array(p + "q_norm", q_len) if args.qk_norm else None,
+                k_norm=array(p + "k_norm", k_len) if args.qk_norm else None,
                 attn_norm=array(p + "attn_norm", d),
                 wq=matrix(p + "wq", q_dim, d),
                 wk=matrix(p + "wk", kv_dim, d),

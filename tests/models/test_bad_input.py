@@ -86,3 +86,41 @@ def test_missing_tensor(good_dir, tmp_path):
 
 def test_not_a_model(tmp_path):
     assert_one_line_error(run_generate(tmp_path / "nowhere"), "nowhere")
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("qwen3")
+    save_model(build_model("qwen3moe-base"), directory, "f32")
+    return directory
+
+
+@pytest.mark.parametrize(
+    "change,needles",
+    [
+        ({"mlp_only_layers": [0]}, ("mlp_only_layers", "not supported")),
+        ({"decoder_sparse_step": 2}, ("decoder_sparse_step", "not supported")),
+        ({"num_experts": None, "num_local_experts": None}, ("num_experts",)),
+        ({"hidden_act": "gelu"}, ("hidden_act", "gelu")),
+        ({"use_sliding_window": True, "max_window_layers": 1, "layer_types": [
+            "full_attention", "sliding_attention"]}, ("sliding-window",)),
+    ],
+)  # fmt: skip
+def test_unsupported_qwen3_settings(qwen3_dir, tmp_path, change, needles):
+    d = copy_dir(qwen3_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(change)
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(run_generate(d), "config.json", *needles)
+
+
+def test_missing_qk_norm_is_named(qwen3_dir, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    d = copy_dir(qwen3_dir, tmp_path / "m")
+    [shard] = d.glob("*.safetensors")
+    tensors = load_file(shard)
+    del tensors["model.layers.1.self_attn.k_norm.weight"]
+    save_file(tensors, shard)
+    assert_one_line_error(run_generate(d), "model.layers.1.self_attn.k_norm.weight", "missing")

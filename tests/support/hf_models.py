@@ -45,6 +45,54 @@ CONFIGS: dict[str, dict] = {
         num_experts_per_tok=3,
         rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0},
     ),
+    "qwen3moe-base": dict(
+        arch="qwen3moe",
+        hidden_size=64,
+        moe_intermediate_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,  # q is 128 wide, twice the hidden size, as in Qwen3-30B-A3B
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    ),
+    "qwen3moe-top4-softmax": dict(
+        arch="qwen3moe",
+        hidden_size=96,
+        moe_intermediate_size=32,
+        intermediate_size=96,
+        num_attention_heads=6,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_experts=16,
+        num_experts_per_tok=4,
+        norm_topk_prob=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
+    "olmoe-base": dict(
+        arch="olmoe",
+        hidden_size=64,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
+    "olmoe-gqa-top3-norm": dict(
+        arch="olmoe",
+        hidden_size=96,
+        intermediate_size=32,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        num_experts=6,
+        num_experts_per_tok=3,
+        norm_topk_prob=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+    ),
     "llama-llama3rope": dict(
         arch="llama",
         hidden_size=64,
@@ -79,7 +127,7 @@ def build_model(
     name: str, seed: int = 0, vocab_size: int = 512, n_layers: int = 2, init_std: float = 0.1
 ):
     """A random transformers model (float32) for CONFIGS[name]; weights drawn with std init_std."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+    import transformers
 
     spec = dict(CONFIGS[name])
     arch = spec.pop("arch")
@@ -92,10 +140,14 @@ def build_model(
         eos_token_id=2,
     )
     torch.manual_seed(seed)
-    if arch == "mixtral":
-        model = MixtralForCausalLM(MixtralConfig(**common, **spec))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**common, **spec))
+    config_cls, model_cls = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM"),
+        "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+        "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+        "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
+    }[arch]
+    config = getattr(transformers, config_cls)(**common, **spec)
+    model = getattr(transformers, model_cls)(config)
     # Norm weights start at 1.0; randomise them so a mix-up of norms cannot pass unnoticed.
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -123,7 +175,7 @@ def save_model(
 
 
 def expert_tensor_names(model) -> list[str]:
-    """The FFN weight names of a transformers Llama or Mixtral model."""
+    """The FFN weight names of a transformers Llama or MoE model (routers excluded)."""
     return [
         n for n, _ in model.named_parameters() if ".mlp." in n and not n.endswith("mlp.gate.weight")
     ]
