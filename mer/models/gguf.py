@@ -1,8 +1,12 @@
-"""Load a GGUF file (architectures llama and mixtral) into kernel-ready weights and a tokenizer.
+"""Load a GGUF file (architectures llama, mixtral, qwen3moe, olmoe) into kernel-ready weights
+and a tokenizer.
 
-llama.cpp's converter permutes the rows of the Q and K projections so that RoPE rotates
-adjacent pairs; mer keeps the file's rows and rotates adjacent pairs too (dot products
-between queries and keys are the same either way).
+For llama and mixtral, llama.cpp's converter permutes the rows of the Q and K projections so
+that RoPE rotates adjacent pairs; mer keeps the file's rows and rotates adjacent pairs too
+(dot products between queries and keys are the same either way). qwen3moe and olmoe keep
+Hugging Face's rows and rotate halves (llama.cpp's NEOX rope). What llama.cpp fixes per
+architecture rather than recording in the file, mer fixes the same way: qwen3moe
+renormalises its top-k routing weights, olmoe does not.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from mer.models.weights import (
 )
 from mer.tokenizer import Tokenizer
 
-ARCHITECTURES = ("llama", "mixtral")
+ARCHITECTURES = ("llama", "mixtral", "qwen3moe", "olmoe")
+_QK_NORM = {"qwen3moe": "head", "olmoe": "full"}  # RMSNorm of queries and keys before RoPE
+_NORM_TOPK = {"olmoe": False}  # renormalise the top-k routing weights (llama.cpp's norm_w)
 FLOAT_KINDS = ("f32", "f16", "bf16")
 
 
@@ -102,25 +108,30 @@ def _read_args(gg: GGUFFile, arch: str) -> ModelArgs:
         theta=float(m("rope.freq_base", 10000.0)),
         scaling="linear" if scaling == "linear" else "default",
         factor=float(m("rope.scaling.factor", 1.0)),
-        interleaved=True,
+        interleaved=arch in ("llama", "mixtral"),
         freq_factors=factors,
     )
     n_experts = int(m("expert_count", 1) or 1)
+    ffn = m("expert_feed_forward_length", None) if arch == "qwen3moe" else None
+    if arch in ("llama", "mixtral"):
+        arch = "mixtral" if n_experts > 1 else "llama"
     return ModelArgs(
-        arch="mixtral" if n_experts > 1 else "llama",
+        arch=arch,
         vocab_size=int(m("vocab_size", len(gg.meta("tokenizer.ggml.tokens")))),
         dim=dim,
         n_layers=int(m("block_count")),
         n_heads=n_heads,
         n_kv_heads=int(m("attention.head_count_kv", n_heads)),
         head_dim=head_dim,
-        ffn_dim=int(m("feed_forward_length")),
+        ffn_dim=int(ffn if ffn is not None else m("feed_forward_length")),
         n_experts=n_experts,
         n_experts_per_tok=int(m("expert_used_count", 1) or 1),
         norm_eps=float(m("attention.layer_norm_rms_epsilon", 1e-5)),
         max_seq_len=int(m("context_length", 4096)),
         tie_embeddings=not gg.has("output.weight"),
         rope=rope,
+        qk_norm=_QK_NORM.get(arch),
+        norm_topk_prob=_NORM_TOPK.get(arch, True),
     )
 
 
@@ -174,7 +185,14 @@ class _Loader:
         if a.is_moe:
             raw, kind = self.gg.tensor(p + "ffn_gate_inp.weight", (a.n_experts, a.dim))
             router = np.ascontiguousarray(dequantize(self.pack(raw, kind, a.n_experts, a.dim)))
+        q_norm = k_norm = None
+        if a.qk_norm is not None:
+            full = a.qk_norm == "full"
+            q_norm = self.vector(p + "attn_q_norm.weight", q_dim if full else a.head_dim)
+            k_norm = self.vector(p + "attn_k_norm.weight", kv_dim if full else a.head_dim)
         return LayerWeights(
+            q_norm=q_norm,
+            k_norm=k_norm,
             attn_norm=self.vector(p + "attn_norm.weight", a.dim),
             wq=self.matrix(p + "attn_q.weight", q_dim, a.dim),
             wk=self.matrix(p + "attn_k.weight", kv_dim, a.dim),

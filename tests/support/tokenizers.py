@@ -209,3 +209,28 @@ def write_sentencepiece(directory: Path, vocab_size: int = 400) -> Path:
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return path
+
+
+def write_smollm2_tokenizer(directory: Path) -> int:
+    """The bundled model's byte-level BPE (49152 tokens) as tokenizer.json and
+    tokenizer_config.json, rebuilt from its GGUF vocabulary: a tokenizer llama.cpp's converter
+    recognises (its pre-tokenizer hash is SmolLM's). Returns the vocabulary size."""
+    from mer.io.gguf import GGUFFile
+    from mer.models.gguf_vocab import build_tokenizer
+    from mer.models.sources import resolve_model
+
+    gg = GGUFFile(resolve_model(None))
+    backend, _ = build_tokenizer(gg)
+    tokens = gg.meta("tokenizer.ggml.tokens")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    backend.save(str(directory / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "bos_token": tokens[gg.meta("tokenizer.ggml.bos_token_id")],
+        "eos_token": tokens[gg.meta("tokenizer.ggml.eos_token_id")],
+        "add_bos_token": False,
+        "model_max_length": 2048,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return len(tokens)

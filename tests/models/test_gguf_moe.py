@@ -1,0 +1,66 @@
+"""Qwen3-MoE and OLMoE GGUF files made by llama.cpp's converter and quantizer, read by mer:
+the same logits as llama.cpp (top-1, KL) and, from the F16 file, as transformers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mer
+from tests.support import llamacpp
+from tests.support.hf_models import hf_logits, rel_err
+from tests.support.mixtral_gguf import CONTINUATION, TEXTS
+from tests.support.moe_gguf import KINDS
+
+ARCHS = ["qwen3moe", "olmoe"]
+
+
+def prompts(model) -> list[list[int]]:
+    out = []
+    for text in TEXTS:
+        ids = model.tokenizer.encode(text)
+        while len(ids) < 48:
+            ids = ids + model.tokenizer.encode(" " + text, add_special_tokens=False)
+        out.append(ids)
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_agrees_with_llamacpp(gguf_moe, arch, kind):
+    _, paths = gguf_moe(arch)
+    model = mer.load_model(paths[kind])
+    assert model.args.arch == arch
+    llm = llamacpp.load(paths[kind], n_ctx=256)
+    tops, kls = [], []
+    for ids in prompts(model):
+        seq = ids + llamacpp.greedy(llm, ids, CONTINUATION)
+        top1, kl = llamacpp.agreement(model.logits(seq), llamacpp.logits(llm, seq))
+        tops.append(top1)
+        kls.append(kl)
+    print(f"tiny {arch} {kind} vs llama.cpp: top-1 {np.mean(tops):.4f}, mean KL {np.mean(kls):.5f}")
+    assert np.mean(tops) >= 0.97
+    assert np.median(kls) <= 0.002, [round(k, 4) for k in kls]
+    assert np.mean(kls) <= 0.02, [round(k, 4) for k in kls]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_f16_file_agrees_with_transformers(gguf_moe, arch):
+    hf, paths = gguf_moe(arch)
+    model = mer.load_model(paths["f16"])
+    assert model.weights.layers[0].q_norm is not None
+    for ids in prompts(model)[:3]:
+        assert rel_err(model.logits(ids), hf_logits(hf, ids)) <= 1e-3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streams_from_the_gguf_file(gguf_moe, arch):
+    _, paths = gguf_moe(arch)
+    resident = mer.load_model(paths["q4_k_m"])
+    ids = prompts(resident)[0]
+    experts = sum(
+        w.gguf_nbytes for layer in resident.weights.layers for e in layer.experts
+        for w in (e.gate, e.up, e.down)
+    )  # fmt: skip
+    with mer.load_model(paths["q4_k_m"], cache_bytes=experts // 4) as streamed:
+        np.testing.assert_array_equal(streamed.logits(ids), resident.logits(ids))

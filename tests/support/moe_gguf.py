@@ -1,0 +1,59 @@
+"""Tiny Qwen3-MoE and OLMoE models, trained briefly, converted and quantized by llama.cpp's own
+tools (tests/conftest.py builds each once per session).
+
+llama.cpp's converter accepts only tokenizers it recognises, so these models use the bundled
+SmolLM2 tokenizer (49152 tokens), rebuilt from its GGUF vocabulary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from tests.support import llamacpp
+from tests.support.hf_models import CONFIGS, build_model, save_model, train_briefly
+from tests.support.mixtral_gguf import TEXTS
+from tests.support.tokenizers import write_smollm2_tokenizer
+
+# K-quants need rows that are multiples of 256.
+CONFIGS["qwen3moe-gguf"] = dict(
+    arch="qwen3moe",
+    hidden_size=256,
+    moe_intermediate_size=256,
+    intermediate_size=512,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    num_experts=8,
+    num_experts_per_tok=2,
+    norm_topk_prob=True,  # llama.cpp renormalises qwen3moe's routing weights, as Qwen3 does
+    rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+)
+CONFIGS["olmoe-gguf"] = dict(
+    arch="olmoe",
+    hidden_size=256,
+    intermediate_size=256,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    num_experts=8,
+    num_experts_per_tok=2,
+    norm_topk_prob=False,  # nor does llama.cpp for olmoe
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+)
+KINDS = ["f16", "q8_0", "q4_k_m"]
+
+
+def build(arch: str, root: Path, cache_dir: Path) -> tuple[object, dict[str, Path]]:
+    """(transformers model holding the F16-rounded weights, {kind: gguf path})."""
+    hf_dir = root / "hf"
+    vocab = write_smollm2_tokenizer(hf_dir)
+    tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    hf = build_model(f"{arch}-gguf", vocab_size=vocab, init_std=0.03)
+    # fewer, larger steps than the Mixtral files take: the 49152-token head makes each step dear
+    train_briefly(hf, [tok.encode(t).ids for t in TEXTS], steps=80, lr=5e-3)
+    save_model(hf, hf_dir, "f16")
+    script = llamacpp.converter_script(cache_dir)
+    paths = {"f16": llamacpp.convert(script, hf_dir, root / "model-f16.gguf", "f16")}
+    for kind in KINDS[1:]:
+        paths[kind] = llamacpp.quantize(paths["f16"], root / f"model-{kind}.gguf", kind)
+    return hf, paths
