@@ -273,10 +273,15 @@ class Tokenizer:
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
 
     def render_chat(
-        self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list | None = None,
+        template_kwargs: dict | None = None,
     ) -> str:
         """The prompt text for `messages` (and `tools`, OpenAI-style function definitions, for
-        templates that render them), as `apply_chat_template(tokenize=False)` gives it."""
+        templates that render them), as `apply_chat_template(tokenize=False)` gives it.
+        `template_kwargs` are further template variables, e.g. Qwen3's `enable_thinking`."""
         if self.chat_template is None:
             raise ModelFormatError(f"{self._source}: the model has no chat template")
         extra = {
@@ -288,15 +293,20 @@ class Tokenizer:
             bos_token=self.bos_token,
             eos_token=self.eos_token,
             add_generation_prompt=add_generation_prompt,
-            **extra,
+            **{**extra, **(template_kwargs or {})},
             **({"tools": tools} if tools else {}),
         )
 
     def encode_chat(
-        self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list | None = None,
+        template_kwargs: dict | None = None,
     ) -> list[int]:
         """Prompt ids for `messages`; the template writes any BOS, so none is added again."""
-        return self.encode(self.render_chat(messages, add_generation_prompt, tools), False)
+        text = self.render_chat(messages, add_generation_prompt, tools, template_kwargs)
+        return self.encode(text, False)
 
 
 _CLEAN_UP = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't")]

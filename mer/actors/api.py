@@ -409,7 +409,9 @@ class Api:
                 job = parse_chat(
                     body,
                     self.limits,
-                    lambda messages, tools: self.tokenizer.encode_chat(messages, True, tools),
+                    lambda messages, tools, kwargs: self.tokenizer.encode_chat(
+                        messages, True, tools, kwargs
+                    ),
                 )
             else:
                 job = parse_completion(body, self.limits, self.tokenizer.encode)

@@ -25,6 +25,12 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
         "--chat", action="store_true", help="wrap the prompt in the model's chat template"
     )
     p.add_argument("--system", type=text, help="system message (with --chat)")
+    p.add_argument(
+        "--chat-template-kwargs",
+        type=_template_kwargs,
+        metavar="JSON",
+        help="further chat-template variables (with --chat), e.g. '{\"enable_thinking\": false}'",
+    )
     p.add_argument("--max-tokens", type=whole(0), default=256, help="tokens to generate at most")
     p.add_argument("--temperature", type=finite, default=0.7, help="0 = greedy")
     p.add_argument("--top-k", type=whole(0), default=0, help="keep the k likeliest (0 = off)")
@@ -64,11 +70,30 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_generate)
 
 
+def _template_kwargs(value: str) -> dict:
+    import json
+
+    from mer.http.openai import RESERVED_TEMPLATE_VARS
+
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not valid JSON") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object of template variables")
+    taken = sorted(RESERVED_TEMPLATE_VARS & set(parsed))
+    if taken:
+        raise argparse.ArgumentTypeError(f"cannot set {taken[0]!r}: mer sets it")
+    return parsed
+
+
 def _check_generate_flags(opts: argparse.Namespace) -> None:
     """Flag combinations that would otherwise be ignored without a word, and values that can
     be checked before a model loads."""
     if opts.system is not None and not opts.chat:
         raise FlagError("--system needs --chat (a system message is part of a chat)")
+    if opts.chat_template_kwargs is not None and not opts.chat:
+        raise FlagError("--chat-template-kwargs needs --chat")
     if opts.io_backend is not None and opts.cache_bytes is None:
         raise FlagError("--io-backend applies only with --cache-bytes (streamed experts)")
     if not opts.chat and opts.prompt == "":
@@ -152,7 +177,10 @@ def _generate(model, params, opts: argparse.Namespace) -> int:
         raise MerError(f"{model.source}: the model has no tokenizer")
     if opts.chat:
         messages = [{"role": "system", "content": opts.system}] if opts.system else []
-        prompt_ids = tok.encode_chat([*messages, {"role": "user", "content": opts.prompt}])
+        prompt_ids = tok.encode_chat(
+            [*messages, {"role": "user", "content": opts.prompt}],
+            template_kwargs=opts.chat_template_kwargs,
+        )
     else:
         prompt_ids = tok.encode(opts.prompt)
     if not prompt_ids:

@@ -133,7 +133,12 @@ CHAT_FIELDS = _COMMON | {
     "tools",
     "tool_choice",
     "parallel_tool_calls",
+    "chat_template_kwargs",
 }
+# template variables a request may not set through chat_template_kwargs
+RESERVED_TEMPLATE_VARS = frozenset(
+    {"messages", "tools", "documents", "add_generation_prompt", "bos_token", "eos_token"}
+)
 
 
 def _number(body: dict, name: str, low: float, high: float, default: float | None = None):
@@ -444,11 +449,27 @@ def _tools(body: dict) -> tuple[list[dict], Any]:
     return tools, choice
 
 
+def template_kwargs(body: dict) -> dict | None:
+    """`chat_template_kwargs` (vLLM's extension): further variables for the chat template,
+    e.g. {"enable_thinking": false} for Qwen3."""
+    value = body.get("chat_template_kwargs")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise bad("chat_template_kwargs", "must be an object of template variables")
+    taken = sorted(RESERVED_TEMPLATE_VARS & set(value))
+    if taken:
+        raise bad("chat_template_kwargs", f"cannot set {taken[0]!r}: the request sets it")
+    return value
+
+
 def parse_chat(
-    body: object, limits: Limits, encode_chat: Callable[[list[dict], list[dict] | None], list[int]]
+    body: object,
+    limits: Limits,
+    encode_chat: Callable[[list[dict], list[dict] | None, dict | None], list[int]],
 ) -> Job:
-    """A POST /v1/chat/completions body as a Job; `encode_chat(messages, tools)` renders the
-    model's chat template and tokenizes it."""
+    """A POST /v1/chat/completions body as a Job; `encode_chat(messages, tools, kwargs)`
+    renders the model's chat template and tokenizes it."""
     common = _common(body, CHAT_FIELDS, limits)
     assert isinstance(body, dict)
     messages = chat_messages(body.get("messages"))
@@ -458,7 +479,7 @@ def parse_chat(
     parallel = body.get("parallel_tool_calls")
     if parallel is not None and not isinstance(parallel, bool):
         raise bad("parallel_tool_calls", "must be true or false")
-    prompt = encode_chat(messages, tools if tool_choice != "none" else None)
+    prompt = encode_chat(messages, tools if tool_choice != "none" else None, template_kwargs(body))
     max_tokens = _integer(body, "max_completion_tokens", 0, limits.max_tokens)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", 0, limits.max_tokens)

@@ -5,7 +5,7 @@ the shape of every body."""
 
 from __future__ import annotations
 
-from mer.http.openai import MAX_N, MAX_STOP, Limits
+from mer.http.openai import MAX_N, MAX_STOP, RESERVED_TEMPLATE_VARS, Limits
 from mer.sampling import MAX_LOGPROBS
 
 
@@ -170,6 +170,12 @@ def openapi(model: str, limits: Limits | None = None) -> dict:
                 ],
             },
             "parallel_tool_calls": {"type": "boolean", "nullable": True},
+            "chat_template_kwargs": {
+                "type": "object",
+                "nullable": True,
+                "description": "further chat-template variables, e.g. enable_thinking",
+                "not": {"anyOf": [{"required": [name]} for name in sorted(RESERVED_TEMPLATE_VARS)]},
+            },
         },
     }
     completion_request = {

@@ -113,10 +113,11 @@ def _read_args(gg: GGUFFile, arch: str) -> ModelArgs:
     )
     n_experts = int(m("expert_count", 1) or 1)
     ffn = m("expert_feed_forward_length", None) if arch == "qwen3moe" else None
-    if arch in ("llama", "mixtral"):
-        arch = "mixtral" if n_experts > 1 else "llama"
+    kind = arch
+    if arch in ("llama", "mixtral"):  # llama.cpp writes Mixtral as "llama" with experts
+        kind = "mixtral" if n_experts > 1 else "llama"
     return ModelArgs(
-        arch=arch,
+        arch=kind,
         vocab_size=int(m("vocab_size", len(gg.meta("tokenizer.ggml.tokens")))),
         dim=dim,
         n_layers=int(m("block_count")),

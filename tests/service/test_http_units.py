@@ -26,8 +26,9 @@ def encode(text: str) -> list[int]:
     return [ord(c) % 100 for c in text]
 
 
-def encode_chat(messages, tools):
-    return encode("".join(m["role"] + m["content"] for m in messages) + json.dumps(tools or []))
+def encode_chat(messages, tools, template_kwargs=None):
+    text = "".join(m["role"] + m["content"] for m in messages) + json.dumps(tools or [])
+    return encode(text + json.dumps(template_kwargs or {}))
 
 
 def refused(parse, body) -> ApiError:
@@ -255,3 +256,28 @@ def test_a_withdrawn_request_never_starts():
     assert admission.withdraw("b") and not admission.withdraw("b")
     admission.release(1)
     assert [w.item for w in admission.admit()] == ["c"]
+
+
+def test_chat_template_kwargs_reach_the_template_and_cannot_override_the_request():
+    plain = chat({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    flagged = chat(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "chat_template_kwargs": {"enable_thinking": False},
+        }
+    )
+    assert flagged.prompts[0] != plain.prompts[0]
+    assert flagged.prompts[0][-len(encode('{"enable_thinking": false}')) :] == encode(
+        '{"enable_thinking": false}'
+    )
+    for value, needle in (([1], "must be an object"), ({"messages": []}, "'messages'")):
+        err = refused(
+            chat,
+            {
+                "model": "m",
+                "messages": [{"role": "user", "content": "hi"}],
+                "chat_template_kwargs": value,
+            },
+        )
+        assert err.status == 400 and err.param == "chat_template_kwargs" and needle in err.message

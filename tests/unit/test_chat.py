@@ -227,3 +227,36 @@ def test_none_values_are_dropped_like_transformers(pairs) -> None:
     )
     ref = pairs["chatml"][1].apply_chat_template(messages, chat_template=template, tokenize=False)
     assert ours == ref == USER["content"] + ";-;"
+
+
+# How Qwen3's templates treat their thinking flag (the part of them that reads it): the
+# generation prompt gets an empty think block when thinking is off.
+THINKING_TEMPLATE = """\
+{%- for m in messages %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{%- if enable_thinking is defined and enable_thinking is false %}
+<think>
+
+</think>
+
+{%- endif %}
+{% endif %}"""
+
+
+@pytest.mark.parametrize("kwargs", [None, {"enable_thinking": False}, {"enable_thinking": True}])
+def test_template_kwargs_such_as_qwen3s_thinking_flag(dirs, tmp_path: Path, kwargs) -> None:
+    shutil.copytree(dirs["chatml"], tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = THINKING_TEMPLATE
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ours = Tokenizer.from_hf_dir(tmp_path)
+    expected = ref.apply_chat_template(
+        [USER], tokenize=False, add_generation_prompt=True, **(kwargs or {})
+    )
+    text = ours.render_chat([USER], template_kwargs=kwargs)
+    assert text == expected
+    assert ("<think>" in text) == (kwargs == {"enable_thinking": False})
+    assert ours.encode_chat([USER], template_kwargs=kwargs) == ours.encode(expected, False)
