@@ -106,6 +106,14 @@ class Shape:
 SHAPES = {
     "mixtral-8x7b": Shape(),
     "mixtral-4l": Shape(layers=4),  # four layers at Mixtral-8x7B's width: ~3-6 GB
+    # Qwen3-30B-A3B's experts (128 per layer, top-8, 2048 wide, 768-wide FFN) on a plain
+    # attention (synthetic heads split the hidden size: 32 x 64, where Qwen3's are 32 x 128)
+    "qwen3-30b-a3b": Shape(
+        layers=48, experts=128, top_k=8, dim=2048, ffn=768, heads=32, kv_heads=4, context=4096
+    ),
+    "qwen3-30b-a3b-4l": Shape(
+        layers=4, experts=128, top_k=8, dim=2048, ffn=768, heads=32, kv_heads=4, context=4096
+    ),
     "small": Shape(layers=8, experts=8, dim=512, ffn=1024, heads=8, kv_heads=2, context=2048),
     "tiny": Shape(layers=2, experts=4, dim=256, ffn=512, heads=4, kv_heads=2, context=512),
 }

@@ -113,6 +113,8 @@ def plan(
             ("Mixtral-shaped 4 layers Q4_0", SHAPES["mixtral-4l"], "q4_0"),
             ("Mixtral-shaped 4 layers Q8_0", SHAPES["mixtral-4l"], "q8_0"),
             ("Mixtral-shaped 4 layers Q4_K_M-style", SHAPES["mixtral-4l"], "q4_k_m"),
+            # many small experts: 128 per layer, top-8, 768-wide
+            ("Qwen3-30B-A3B-shaped 4 layers Q4_0", SHAPES["qwen3-30b-a3b-4l"], "q4_0"),
         ),
         scenarios=scenarios,
     )
