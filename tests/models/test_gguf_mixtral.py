@@ -14,6 +14,7 @@ import mer
 from tests.support import gguf_files, llamacpp
 from tests.support.hf_models import hf_logits, rel_err
 from tests.support.mixtral_gguf import CONTINUATION, KINDS, TEXTS
+from tests.support.mixtral_gguf import prompts as text_prompts
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +24,7 @@ def files(gguf_mixtral) -> tuple[object, dict[str, Path]]:
 
 
 def prompts(model) -> list[list[int]]:
-    out = []
-    for text in TEXTS:
-        ids = model.tokenizer.encode(text)
-        while len(ids) < 64:
-            ids = ids + model.tokenizer.encode(" " + text, add_special_tokens=False)
-        out.append(ids)
-    return out
+    return text_prompts(model, 64)
 
 
 @pytest.mark.parametrize("kind", KINDS)

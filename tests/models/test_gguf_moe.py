@@ -9,20 +9,15 @@ import pytest
 import mer
 from tests.support import llamacpp
 from tests.support.hf_models import hf_logits, rel_err
-from tests.support.mixtral_gguf import CONTINUATION, TEXTS
+from tests.support.mixtral_gguf import CONTINUATION
+from tests.support.mixtral_gguf import prompts as text_prompts
 from tests.support.moe_gguf import KINDS
 
 ARCHS = ["qwen3moe", "olmoe"]
 
 
 def prompts(model) -> list[list[int]]:
-    out = []
-    for text in TEXTS:
-        ids = model.tokenizer.encode(text)
-        while len(ids) < 48:
-            ids = ids + model.tokenizer.encode(" " + text, add_special_tokens=False)
-        out.append(ids)
-    return out
+    return text_prompts(model, 48)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -68,6 +68,17 @@ def convert(script: Path, hf_dir: Path, out: Path, outtype: str = "f16") -> Path
     return out
 
 
+def gguf_files(hf_dir: Path, root: Path, cache: Path, kinds: list[str]) -> dict[str, Path]:
+    """{kind: path}: `hf_dir` converted to F16 GGUF by llama.cpp's converter (the script
+    fetched into `cache`), then quantized by llama.cpp to each of `kinds` after "f16"."""
+    script = converter_script(cache)
+    paths = {"f16": convert(script, hf_dir, root / "model-f16.gguf", "f16")}
+    for kind in kinds:
+        if kind != "f16":
+            paths[kind] = quantize(paths["f16"], root / f"model-{kind}.gguf", kind)
+    return paths
+
+
 def quantize(src: Path, dst: Path, kind: str) -> Path:
     """llama.cpp's quantizer (llama_model_quantize) with the given file type."""
     params = llama_cpp.llama_model_quantize_default_params()

@@ -40,6 +40,17 @@ TEXTS = [
 CONTINUATION = 32
 
 
+def prompts(model, length: int) -> list[list[int]]:
+    """Each of TEXTS in `model`'s tokenizer, repeated to at least `length` tokens."""
+    out = []
+    for text in TEXTS:
+        ids = model.tokenizer.encode(text)
+        while len(ids) < length:
+            ids = ids + model.tokenizer.encode(" " + text, add_special_tokens=False)
+        out.append(ids)
+    return out
+
+
 def build(root: Path, cache_dir: Path) -> tuple[object, dict[str, Path]]:
     """(transformers model holding the F16-rounded weights, {kind: gguf path})."""
     hf_dir = root / "hf"
@@ -49,8 +60,4 @@ def build(root: Path, cache_dir: Path) -> tuple[object, dict[str, Path]]:
     hf = build_model("mixtral-gguf", vocab_size=sp.vocab_size(), init_std=0.03)
     train_briefly(hf, [[sp.bos_id(), *sp.encode(t)] for t in TEXTS])
     save_model(hf, hf_dir, "f16")
-    script = llamacpp.converter_script(cache_dir)
-    paths = {"f16": llamacpp.convert(script, hf_dir, root / "model-f16.gguf", "f16")}
-    for kind in KINDS[1:]:
-        paths[kind] = llamacpp.quantize(paths["f16"], root / f"model-{kind}.gguf", kind)
-    return hf, paths
+    return hf, llamacpp.gguf_files(hf_dir, root, cache_dir, KINDS)

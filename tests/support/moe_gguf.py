@@ -52,8 +52,4 @@ def build(arch: str, root: Path, cache_dir: Path) -> tuple[object, dict[str, Pat
     # fewer, larger steps than the Mixtral files take: the 49152-token head makes each step dear
     train_briefly(hf, [tok.encode(t).ids for t in TEXTS], steps=80, lr=5e-3)
     save_model(hf, hf_dir, "f16")
-    script = llamacpp.converter_script(cache_dir)
-    paths = {"f16": llamacpp.convert(script, hf_dir, root / "model-f16.gguf", "f16")}
-    for kind in KINDS[1:]:
-        paths[kind] = llamacpp.quantize(paths["f16"], root / f"model-{kind}.gguf", kind)
-    return hf, paths
+    return hf, llamacpp.gguf_files(hf_dir, root, cache_dir, KINDS)
