@@ -11,16 +11,14 @@ import numpy as np
 
 from mer.io.arena import Arena
 from mer.kernels.matmul import PackedWeight
-from mer.models.weights import ExpertWeights, ModelWeights
-
-_PER_LAYER = ("wq", "wk", "wv", "wo")
+from mer.models.weights import SHARED, ExpertWeights, ModelWeights
 
 
 def dense_matrices(weights: ModelWeights) -> list[PackedWeight]:
-    """The dense matrices in index order: lm_head, then each layer's wq, wk, wv, wo."""
+    """The dense matrices in index order: lm_head, then each layer's (LayerWeights.matrices)."""
     out = [weights.lm_head]
     for layer in weights.layers:
-        out += [getattr(layer, name) for name in _PER_LAYER]
+        out += layer.matrices()
     return out
 
 
@@ -41,6 +39,8 @@ class WeightTable:
 
     def expert(self, layer: int, e: int, slot: int) -> ExpertWeights:
         """Expert e of `layer`: resident when slot < 0, else the views of arena slot `slot`."""
+        if e == SHARED:
+            return self.layers[layer].shared
         if slot < 0:
             return self.layers[layer].experts[e]
         key = (layer, e, slot)

@@ -1,7 +1,9 @@
 """Causal grouped-query attention of new tokens over a KV cache.
 
-# n = new tokens, H = query heads, G = KV heads (H % G == 0), hd = head dim,
-# T = cache positions filled (including the new tokens)
+# n = new tokens, H = query heads, G = KV heads (H % G == 0), hd = key head dim,
+# vd = value head dim (<= hd), T = cache positions filled (including the new tokens)
+Values may be narrower than keys, and may be a view of the keys' first vd values (DeepSeek's
+latent attention, where key and value are one cached latent).
 Query i sits at absolute position p0 + i and sees keys at positions max(0, p - W + 1)..p,
 W being the sliding window (None = unbounded), as transformers masks it.
 """
@@ -21,7 +23,7 @@ from .matmul import _PAR_MIN_WORK, get_num_threads, thread_policy
 @njit(nogil=True, fastmath=True, error_model="numpy", inline="always")
 def _job(q, k_cache, v_cache, p0, window, scale, out, job):  # pragma: no cover - compiled
     # One query token and head: causal softmax over its keys, then the weighted values.
-    h, hd = q.shape[1], q.shape[2]
+    h, hd, vd = q.shape[1], q.shape[2], v_cache.shape[2]
     group = h // k_cache.shape[1]
     t = job // h
     j = job % h
@@ -41,11 +43,11 @@ def _job(q, k_cache, v_cache, p0, window, scale, out, job):  # pragma: no cover 
     for s in range(scores.shape[0]):
         scores[s] = np.exp(scores[s] - mx)
         total += scores[s]
-    for i in range(hd):
+    for i in range(vd):
         out[t, j, i] = 0.0
     for s in range(lo, p + 1):
         w = scores[s - lo] / total
-        for i in range(hd):
+        for i in range(vd):
             out[t, j, i] += w * v_cache[s, kv, i]
 
 
@@ -58,22 +60,33 @@ def _attention(q, k_cache, v_cache, p0, window, scale, out):  # pragma: no cover
 
 
 def attention(
-    q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, p0: int, window: int | None = None
+    q: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    p0: int,
+    window: int | None = None,
+    scale: float | None = None,
 ) -> np.ndarray:
-    """Attention output float32 [n, H, hd] for queries q [n, H, hd] at positions p0..p0+n-1.
+    """Attention output float32 [n, H, vd] for queries q [n, H, hd] at positions p0..p0+n-1.
 
-    k_cache, v_cache: float32 [capacity, G, hd] with positions 0..p0+n-1 filled.
+    k_cache: float32 [capacity, G, hd], v_cache [capacity, G, vd], with positions 0..p0+n-1
+    filled. Scores are scaled by `scale` (default 1/sqrt(hd)).
     """
     n, h, hd = q.shape
     if q.dtype != np.float32 or k_cache.dtype != np.float32 or v_cache.dtype != np.float32:
         raise ValueError("attention: q and caches must be float32")
-    if k_cache.shape != v_cache.shape or k_cache.shape[2] != hd or h % k_cache.shape[1]:
+    if (
+        k_cache.shape[:2] != v_cache.shape[:2]
+        or v_cache.shape[2] > hd
+        or k_cache.shape[2] != hd
+        or h % k_cache.shape[1]
+    ):
         raise ValueError(f"attention: q {q.shape} does not fit cache {k_cache.shape}")
     if p0 + n > k_cache.shape[0]:
         raise ValueError("attention: positions run past the cache capacity")
-    out = np.empty_like(q)
+    out = np.empty((n, h, v_cache.shape[2]), np.float32)
     args = (np.ascontiguousarray(q), k_cache, v_cache, p0, window or 0)
-    scale = np.float32(1.0 / math.sqrt(hd))
+    scale = np.float32(1.0 / math.sqrt(hd) if scale is None else scale)
     keys = (p0 + n) if not window else min(p0 + n, window)  # keys each query sees, at most
     work = n * h * keys * hd
     # Jobs are whole (token, head) pairs: any thread count gives the same bits.
@@ -97,17 +110,23 @@ def _on_threads(nt: int) -> None:
 
 
 def attention_reference(
-    q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, p0: int, window: int | None = None
+    q: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    p0: int,
+    window: int | None = None,
+    scale: float | None = None,
 ) -> np.ndarray:
     n, h, hd = q.shape
     group = h // k_cache.shape[1]
-    out = np.empty((n, h, hd), np.float64)
+    scale = 1 / math.sqrt(hd) if scale is None else scale
+    out = np.empty((n, h, v_cache.shape[2]), np.float64)
     for t in range(n):
         p = p0 + t
         lo = 0 if not window else max(0, p - window + 1)
         for j in range(h):
             keys = k_cache[lo : p + 1, j // group].astype(np.float64)
-            s = keys @ q[t, j].astype(np.float64) / math.sqrt(hd)
+            s = keys @ q[t, j].astype(np.float64) * scale
             w = np.exp(s - s.max())
             out[t, j] = (w / w.sum()) @ v_cache[lo : p + 1, j // group]
     return out.astype(np.float32)

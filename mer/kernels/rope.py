@@ -1,4 +1,4 @@
-"""Rotary position embeddings (RoPE), with linear and Llama-3 frequency scaling.
+"""Rotary position embeddings (RoPE), with linear, Llama-3 and YaRN frequency scaling.
 
 # n = tokens, H = heads, hd = head dim, F = hd / 2 frequencies
 Two layouts of the rotated pairs: halves (x[i], x[i + F]) as Hugging Face checkpoints use,
@@ -23,6 +23,8 @@ def inv_frequencies(rope: RopeArgs, head_dim: int) -> np.ndarray:
         inv = inv / np.float32(rope.factor)
     elif rope.scaling == "llama3":
         inv = _llama3_scale(inv, rope)
+    elif rope.scaling == "yarn":
+        inv = _yarn_scale(inv, rope, head_dim)
     if rope.freq_factors is not None:
         inv = inv / np.asarray(rope.freq_factors, dtype=np.float32)
     return inv.astype(np.float32)
@@ -43,10 +45,37 @@ def _llama3_scale(inv: np.ndarray, rope: RopeArgs) -> np.ndarray:
     return np.where(medium, blended, scaled).astype(np.float32)
 
 
-def rope_tables(inv_freq: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin, float32 [n, F], for integer positions [n]."""
+def _yarn_scale(inv: np.ndarray, rope: RopeArgs, head_dim: int) -> np.ndarray:
+    # YaRN: frequencies that turn fewer than beta_slow times over the original context are
+    # interpolated (divided by `factor`), those turning more than beta_fast times kept, and
+    # the band between blended along a linear ramp over the frequency index.
+    def correction_dim(rotations: float) -> float:
+        old = rope.original_max_position_embeddings
+        return head_dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = (np.arange(head_dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low)
+    keep = np.float32(1.0) - np.clip(ramp, 0, 1).astype(np.float32)
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    interpolated = np.float32(1.0) / (np.float32(rope.factor) * np.float32(rope.theta) ** exponents)
+    return interpolated * (np.float32(1.0) - keep) + inv * keep
+
+
+def rope_tables(
+    inv_freq: np.ndarray, positions: np.ndarray, scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin, float32 [n, F], for integer positions [n], multiplied by `scale` (YaRN's
+    attention factor)."""
     angles = positions.astype(np.float32)[:, None] * inv_freq[None, :]
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    if scale != 1.0:
+        cos, sin = cos * np.float32(scale), sin * np.float32(scale)
+    return cos, sin
 
 
 @njit(cache=True, nogil=True, fastmath=True)

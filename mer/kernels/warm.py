@@ -41,8 +41,9 @@ def _parts(e: ExpertWeights) -> tuple[PackedWeight, PackedWeight, PackedWeight]:
 def _matrices(weights: ModelWeights, experts: Iterable[ExpertWeights]) -> list[PackedWeight]:
     mats = [weights.lm_head]
     for layer in weights.layers:
-        mats += [layer.wq, layer.wk, layer.wv, layer.wo]
+        mats += layer.matrices()
         mats += [m for e in layer.experts if isinstance(e, ExpertWeights) for m in _parts(e)]
+        mats += list(_parts(layer.shared)) if layer.shared is not None else []
     mats += [m for e in experts for m in _parts(e)]
     return mats
 
@@ -77,13 +78,20 @@ def warm_up(
         for layer in weights.layers[:1]:
             rmsnorm(h, layer.attn_norm, args.norm_eps)
             rmsnorm(h, layer.ffn_norm, args.norm_eps)
-            if layer.router is not None:
-                route(np.zeros((n, args.n_experts), np.float32), args.n_experts_per_tok)
+        if args.is_moe:
+            route(np.zeros((n, args.n_experts), np.float32), args.n_experts_per_tok)
         rmsnorm(h, weights.norm, args.norm_eps)
-        q = np.zeros((n, args.n_heads, args.head_dim), np.float32)
-        k = np.zeros((n, args.n_kv_heads, args.head_dim), np.float32)
         cos, sin = rope_tables(np.ones(args.head_dim // 2, np.float32), np.arange(n))
+        if args.mla:  # one cached latent + rotary key: the values are a view of the keys
+            width = args.kv_lora_rank + args.head_dim
+            q = np.zeros((n, args.n_heads, width), np.float32)
+            k = np.zeros((n, 1, width), np.float32)
+            attention(q, k, k[:, :, : args.kv_lora_rank], 0, None, args.attention_scale)
+            q = np.zeros((n, args.n_heads, args.head_dim), np.float32)
+        else:
+            q = np.zeros((n, args.n_heads, args.head_dim), np.float32)
+            k = np.zeros((n, args.n_kv_heads, args.head_dim), np.float32)
+            attention(q, k, k.copy(), 0, args.sliding_window)
         apply_rope(q, cos, sin, args.rope.interleaved)
-        attention(q, k, k.copy(), 0, args.sliding_window)
     if not matrices_only:
         weights.embed.lookup(np.zeros(1, np.int64))

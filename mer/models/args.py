@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +14,7 @@ class RopeArgs:
     """Rotary position embedding: base frequency and optional frequency scaling."""
 
     theta: float = 10000.0
-    scaling: str = "default"  # "default" | "linear" | "llama3"
+    scaling: str = "default"  # "default" | "linear" | "llama3" | "yarn"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -22,13 +23,19 @@ class RopeArgs:
     interleaved: bool = False
     # per-frequency divisors stored by GGUF files (rope_freqs.weight) in place of `scaling`
     freq_factors: tuple[float, ...] | None = None
+    # YaRN: the band of frequencies blended between interpolation and extrapolation, and the
+    # factor cos and sin are multiplied by (resolved from mscale/mscale_all_dim on loading)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0
 
 
 @dataclass(frozen=True)
 class ModelArgs:
     """The shape of a Llama-family decoder; a dense FFN is one expert that is always selected."""
 
-    arch: str  # "llama" | "mixtral" | "qwen3moe" | "olmoe"
+    arch: str  # "llama" | "mixtral" | "qwen3moe" | "olmoe" | "deepseek2" | "deepseek3"
     vocab_size: int
     dim: int
     n_layers: int
@@ -49,6 +56,33 @@ class ModelArgs:
     # renormalise the top-k routing weights to sum to 1 (Mixtral's softmax over the top k is
     # the same thing); False keeps the softmax over all experts (OLMoE, some Qwen3-MoE)
     norm_topk_prob: bool = True
+    # Routing beyond a softmax over all experts (DeepSeek): "sigmoid" scores each expert on
+    # its own (DeepSeek-V3, with a per-expert bias added for the choice only: router_bias);
+    # experts come in n_group groups of which the topk_group best (by their best score, or
+    # the sum of their two best: group_score "max" | "top2") are eligible; the kept weights
+    # are multiplied by routed_scale.
+    scoring: str = "softmax"
+    router_bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "max"
+    routed_scale: float = 1.0
+    # FFN beside the routed experts: the first `first_dense_layers` layers have one dense
+    # SwiGLU FFN of width dense_ffn_dim instead of experts; every MoE layer adds a shared
+    # expert of width shared_ffn_dim (0: none) that every token goes through.
+    first_dense_layers: int = 0
+    dense_ffn_dim: int = 0
+    shared_ffn_dim: int = 0
+    # DeepSeek's multi-head latent attention when kv_lora_rank > 0: keys and values come from
+    # a compressed latent of kv_lora_rank values per token (what the KV cache holds) plus one
+    # shared rotary key of head_dim values; query heads are qk_nope_head_dim + head_dim wide,
+    # value heads v_head_dim; q_lora_rank > 0 compresses the queries too.
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    # attention's softmax scale; 0: 1/sqrt(query head width)
+    softmax_scale: float = 0.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -72,10 +106,53 @@ class ModelArgs:
             raise ModelFormatError(
                 "model config: num_experts_per_tok must be between 1 and the number of experts"
             )
+        if self.scoring not in ("softmax", "sigmoid"):
+            raise ModelFormatError(f"model config: scoring function {self.scoring!r} is not known")
+        if self.group_score not in ("max", "top2"):
+            raise ModelFormatError(f"model config: group score {self.group_score!r} is not known")
+        if self.n_group < 1 or self.n_experts % self.n_group:
+            raise ModelFormatError("model config: n_group must divide the number of experts")
+        if not 1 <= self.topk_group <= self.n_group:
+            raise ModelFormatError("model config: topk_group must be between 1 and n_group")
+        if self.n_experts_per_tok > self.topk_group * (self.n_experts // self.n_group):
+            raise ModelFormatError(
+                "model config: num_experts_per_tok exceeds the experts of topk_group groups"
+            )
+        if not 0 <= self.first_dense_layers <= self.n_layers:
+            raise ModelFormatError("model config: first_k_dense_replace exceeds the layers")
+        if self.first_dense_layers and self.dense_ffn_dim <= 0:
+            raise ModelFormatError("model config: dense layers need intermediate_size")
+        if self.kv_lora_rank < 0 or self.q_lora_rank < 0:
+            raise ModelFormatError("model config: kv_lora_rank and q_lora_rank must be >= 0")
+        if self.kv_lora_rank and (self.qk_nope_head_dim <= 0 or self.v_head_dim <= 0):
+            raise ModelFormatError("model config: qk_nope_head_dim and v_head_dim must be positive")
 
     @property
     def is_moe(self) -> bool:
         return self.n_experts > 1
+
+    @property
+    def mla(self) -> bool:
+        """Multi-head latent attention (DeepSeek)."""
+        return self.kv_lora_rank > 0
+
+    @property
+    def q_head_dim(self) -> int:
+        """Width of a query (and key) head: the rotary part plus, with MLA, the rest."""
+        return self.qk_nope_head_dim + self.head_dim if self.mla else self.head_dim
+
+    @property
+    def value_dim(self) -> int:
+        """Width of the attention output fed to the output projection (all heads)."""
+        return self.n_heads * (self.v_head_dim if self.mla else self.head_dim)
+
+    @property
+    def attention_scale(self) -> float:
+        return self.softmax_scale or self.q_head_dim**-0.5
+
+    def is_dense_layer(self, layer: int) -> bool:
+        """A layer whose FFN is one dense SwiGLU, in a model whose others are MoE."""
+        return layer < self.first_dense_layers
 
 
 def rope_from_hf(cfg: dict[str, Any]) -> RopeArgs:
@@ -86,18 +163,43 @@ def rope_from_hf(cfg: dict[str, Any]) -> RopeArgs:
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     params = {**legacy, **params}
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in ("default", "linear", "llama3"):
+    if kind not in ("default", "linear", "llama3", "yarn"):
         raise ModelFormatError(f"model config: rope scaling type {kind!r} is not supported")
     if cfg.get("partial_rotary_factor", 1.0) != 1.0:
         raise ModelFormatError("model config: partial_rotary_factor is not supported")
+    factor = float(params.get("factor") or 1.0)
+    original = params.get("original_max_position_embeddings")
+    if kind == "yarn" and not original:
+        original = cfg.get("max_position_embeddings")
+    if kind == "yarn" and not params.get("factor"):
+        factor = float(cfg["max_position_embeddings"]) / float(original)
     return RopeArgs(
         theta=float(theta),
         scaling=kind,
-        factor=float(params.get("factor", 1.0)),
+        factor=factor,
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+        original_max_position_embeddings=int(original or 8192),
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        truncate=bool(params.get("truncate", True)),
+        attention_factor=yarn_attention_factor(params, factor) if kind == "yarn" else 1.0,
     )
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_attention_factor(params: dict[str, Any], factor: float) -> float:
+    """YaRN's cos/sin multiplier: given, or from mscale and mscale_all_dim as transformers
+    derives it."""
+    if params.get("attention_factor") is not None:
+        return float(params["attention_factor"])
+    mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
+    if mscale and mscale_all:
+        return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
+    return yarn_mscale(factor)
 
 
 def args_from_hf(cfg: dict[str, Any], arch: str, source: str) -> ModelArgs:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 
@@ -16,21 +16,26 @@ from mer.errors import ModelFormatError
 from mer.io.raw import to_float32
 from mer.io.safetensors import SafetensorsDir
 from mer.kernels.matmul import PackedWeight, pack_float, quantize
-from mer.models import llama, mixtral, olmoe, qwen3moe
+from mer.models import deepseek, llama, mixtral, olmoe, qwen3moe
 from mer.models.args import ModelArgs
 from mer.models.weights import (
     Embedding,
     ExpertWeights,
     LayerWeights,
     MatrixSpec,
+    MLAWeights,
     ModelWeights,
 )
 
-ARCHITECTURES: dict[str, ModuleType] = {
+# each names its config (args_from_config), its routed FFN (ffn_tensors) and optionally an
+# FFN every token goes through (shared_tensors)
+ARCHITECTURES: dict[str, ModuleType | SimpleNamespace] = {
     "LlamaForCausalLM": llama,
     "MixtralForCausalLM": mixtral,
     "Qwen3MoeForCausalLM": qwen3moe,
     "OlmoeForCausalLM": olmoe,
+    "DeepseekV2ForCausalLM": deepseek.V2,
+    "DeepseekV3ForCausalLM": deepseek.V3,
 }
 QUANT_KINDS = ("q8_0", "q4_0")
 
@@ -102,6 +107,9 @@ class _Loader:
                 raise ModelFormatError(f"{self.src.root}: an expert matrix is not contiguous")
             file, offset = self.src.locate(arr)
             return MatrixSpec(file, offset, arr.nbytes, kind, *arr.shape, quant=self.quant)
+        return self.resident_matrix(arr, kind)
+
+    def resident_matrix(self, arr: np.ndarray, kind: str) -> PackedWeight:
         if self.quant is None:
             return pack_float(np.ascontiguousarray(arr), kind)
         return quantize(np.ascontiguousarray(to_float32(arr, kind)), self.quant)
@@ -110,7 +118,7 @@ class _Loader:
         parts = tuple(self.expert_matrix(arr, kind) for arr, kind in triple)
         return parts if self.stream else ExpertWeights(*parts)
 
-    def model(self, module: ModuleType) -> ModelWeights:
+    def model(self, module) -> ModelWeights:
         a = self.args
         embed_raw, embed_kind = self.src.get("model.embed_tokens.weight", (a.vocab_size, a.dim))
         if a.tie_embeddings and not self.src.has("lm_head.weight"):
@@ -125,25 +133,67 @@ class _Loader:
             lm_head=lm_head,
         )
 
-    def layer(self, module: ModuleType, i: int) -> LayerWeights:
+    def layer(self, module, i: int) -> LayerWeights:
         a = self.args
         p = f"model.layers.{i}."
-        q_dim, kv_dim = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
         router_name, experts = module.ffn_tensors(self.src, a, i)
-        router = None
+        router = bias = None
         if router_name is not None:
             arr, kind = self.src.get(router_name, (a.n_experts, a.dim))
             router = np.ascontiguousarray(to_float32(arr, kind))
+            if a.router_bias:
+                bias = self.vector(
+                    router_name.replace(".weight", ".e_score_correction_bias"), a.n_experts
+                )
+        shared = getattr(module, "shared_tensors", lambda *_: None)(self.src, a, i)
+        if shared is not None:  # always resident, quantized like the experts
+            shared = ExpertWeights(*(self.resident_matrix(arr, kind) for arr, kind in shared))
         q_norm, k_norm = self.qk_norms(p)
+        wq, wk, wv, mla = self.attention(p + "self_attn.")
         return LayerWeights(
             q_norm=q_norm,
             k_norm=k_norm,
             attn_norm=self.vector(p + "input_layernorm.weight"),
-            wq=self.matrix(p + "self_attn.q_proj.weight", (q_dim, a.dim)),
-            wk=self.matrix(p + "self_attn.k_proj.weight", (kv_dim, a.dim)),
-            wv=self.matrix(p + "self_attn.v_proj.weight", (kv_dim, a.dim)),
-            wo=self.matrix(p + "self_attn.o_proj.weight", (a.dim, q_dim)),
+            wq=wq,
+            wk=wk,
+            wv=wv,
+            wo=self.matrix(p + "self_attn.o_proj.weight", (a.dim, a.value_dim)),
             ffn_norm=self.vector(p + "post_attention_layernorm.weight"),
             router=router,
+            router_bias=bias,
             experts=[self.expert(triple) for triple in experts],
+            shared=shared,
+            mla=mla,
         )
+
+    def attention(self, p: str):
+        """wq, wk, wv and (latent attention) the MLAWeights of the layer at prefix `p`."""
+        a = self.args
+        if not a.mla:
+            q_dim, kv_dim = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+            return (
+                self.matrix(p + "q_proj.weight", (q_dim, a.dim)),
+                self.matrix(p + "k_proj.weight", (kv_dim, a.dim)),
+                self.matrix(p + "v_proj.weight", (kv_dim, a.dim)),
+                None,
+            )
+        q_dim, r, rope = a.n_heads * a.q_head_dim, a.kv_lora_rank, a.head_dim
+        nope, vh = a.qk_nope_head_dim, a.v_head_dim
+        wq_a = q_a_norm = None
+        if a.q_lora_rank:
+            wq_a = self.matrix(p + "q_a_proj.weight", (a.q_lora_rank, a.dim))
+            q_a_norm = self.vector(p + "q_a_layernorm.weight", a.q_lora_rank)
+            wq = self.matrix(p + "q_b_proj.weight", (q_dim, a.q_lora_rank))
+        else:
+            wq = self.matrix(p + "q_proj.weight", (q_dim, a.dim))
+        kv_b, kind = self.src.get(p + "kv_b_proj.weight", (a.n_heads * (nope + vh), r))
+        heads = kv_b.reshape(a.n_heads, nope + vh, r)
+        mla = MLAWeights(
+            wkv_a=self.matrix(p + "kv_a_proj_with_mqa.weight", (r + rope, a.dim)),
+            kv_a_norm=self.vector(p + "kv_a_layernorm.weight", r),
+            w_kb=[pack_float(np.ascontiguousarray(h[:nope].T), kind) for h in heads],
+            w_vb=[pack_float(np.ascontiguousarray(h[nope:]), kind) for h in heads],
+            wq_a=wq_a,
+            q_a_norm=q_a_norm,
+        )
+        return wq, None, None, mla

@@ -1,4 +1,4 @@
-"""The decoder forward pass shared by Llama, Mixtral, Qwen3-MoE and OLMoE.
+"""The decoder forward pass shared by Llama, Mixtral, Qwen3-MoE, OLMoE and DeepSeek-V2/V3.
 
 # n = tokens in this call, D = hidden, H = query heads, G = KV heads, hd = head dim,
 # E = experts, A = active experts per token, V = vocabulary
@@ -16,7 +16,11 @@ from mer.kernels.rmsnorm import rmsnorm
 from mer.kernels.rope import apply_rope, inv_frequencies, rope_tables
 from mer.kernels.router import route
 from mer.models.args import ModelArgs
-from mer.models.weights import ExpertWeights, LayerWeights, ModelWeights
+from mer.models.weights import SHARED, ExpertWeights, LayerWeights, MLAWeights, ModelWeights
+
+# DeepSeek's latent norms (q_a_layernorm, kv_a_layernorm) use RMSNorm's default epsilon,
+# not the model's rms_norm_eps
+_LATENT_EPS = 1e-6
 
 
 class ContextFullError(MerError):
@@ -36,7 +40,11 @@ class NonFiniteError(MerError):
 
 class KVCache:
     """Keys and values of one sequence, float32 [capacity, G, hd] per layer; grows on demand
-    (from `capacity` positions, or the whole context if that is smaller)."""
+    (from `capacity` positions, or the whole context if that is smaller).
+
+    With latent attention (MLA) a layer caches one row per position, [capacity, 1, r + R]:
+    the normalised latent then the rotated shared key; the values are views of the latent
+    (`shared_values`)."""
 
     def __init__(self, args: ModelArgs, capacity: int = 256) -> None:
         self.args = args
@@ -53,13 +61,26 @@ class KVCache:
             )
         if needed <= self.capacity:
             return
-        capacity = min(self.args.max_seq_len, max(needed, 2 * self.capacity))
-        shape = (capacity, self.args.n_kv_heads, self.args.head_dim)
-        grown_k = [np.zeros(shape, np.float32) for _ in range(self.args.n_layers)]
-        grown_v = [np.zeros(shape, np.float32) for _ in range(self.args.n_layers)]
-        for old, new in zip(self.k + self.v, grown_k + grown_v, strict=False):  # empty at first
+        a = self.args
+        capacity = min(a.max_seq_len, max(needed, 2 * self.capacity))
+        if self.shared_values:
+            shape = (capacity, 1, a.kv_lora_rank + a.head_dim)
+            grown_k = [np.zeros(shape, np.float32) for _ in range(a.n_layers)]
+            grown_v = [k[:, :, : a.kv_lora_rank] for k in grown_k]
+        else:
+            shape = (capacity, a.n_kv_heads, a.head_dim)
+            grown_k = [np.zeros(shape, np.float32) for _ in range(a.n_layers)]
+            grown_v = [np.zeros(shape, np.float32) for _ in range(a.n_layers)]
+        old_v = [] if self.shared_values else self.v
+        new_v = [] if self.shared_values else grown_v
+        for old, new in zip(self.k + old_v, grown_k + new_v, strict=False):  # empty at first
             new[: self.length] = old[: self.length]
         self.k, self.v, self.capacity = grown_k, grown_v, capacity
+
+    @property
+    def shared_values(self) -> bool:
+        """The values are views of the keys (MLA): only `k` holds data."""
+        return self.args.mla
 
 
 class Transformer:
@@ -121,7 +142,7 @@ class Transformer:
             spans.append((at, at + len(tokens)))
             at += len(tokens)
         positions = np.concatenate([np.arange(c.length, c.length + len(t)) for t, c in batch])
-        cos, sin = rope_tables(self.inv_freq, positions)
+        cos, sin = rope_tables(self.inv_freq, positions, args.rope.attention_factor)
         x = self.weights.embed.lookup(np.concatenate([t for t, _ in batch]))
         _check(check, x, "the token embeddings", "embeddings")
         caches = [cache for _, cache in batch]
@@ -154,6 +175,8 @@ class Transformer:
     ) -> np.ndarray:
         args = self.args
         n = h.shape[0]
+        if layer.mla is not None:
+            return self._latent_attention(layer, layer.mla, h, caches, spans, index, cos, sin)
         q, k, v = self.executor.products([(layer.wq, h), (layer.wk, h), (layer.wv, h)])
         if args.qk_norm == "full":  # over the whole projection (OLMoE)
             q = rmsnorm(q, layer.q_norm, args.norm_eps)
@@ -176,14 +199,79 @@ class Transformer:
         (projected,) = self.executor.products([(layer.wo, out.reshape(n, -1))])
         return projected
 
+    def _latent_attention(
+        self,
+        layer: LayerWeights,
+        mla: MLAWeights,
+        h: np.ndarray,
+        caches: list[KVCache],
+        spans: list[tuple[int, int]],
+        index: int,
+        cos: np.ndarray,
+        sin: np.ndarray,
+    ) -> np.ndarray:
+        """DeepSeek's multi-head latent attention, absorbed: each query head's non-rotary part
+        is mapped into the latent space (w_kb), so every head attends over the one cached row
+        per position [latent | rotary key] with the latent as its values, and the attended
+        latent is mapped out per head (w_vb). Equal to expanding keys and values per head."""
+        a = self.args
+        n, r, nope = h.shape[0], a.kv_lora_rank, a.qk_nope_head_dim
+        if mla.wq_a is None:
+            q, kv = self.executor.products([(layer.wq, h), (mla.wkv_a, h)])
+        else:
+            qa, kv = self.executor.products([(mla.wq_a, h), (mla.wkv_a, h)])
+            (q,) = self.executor.products([(layer.wq, rmsnorm(qa, mla.q_a_norm, _LATENT_EPS))])
+        q = q.reshape(n, a.n_heads, a.q_head_dim)
+        q_rot = np.ascontiguousarray(q[:, :, nope:])
+        k_rot = np.ascontiguousarray(kv[:, None, r:])
+        apply_rope(q_rot, cos, sin, a.rope.interleaved)
+        apply_rope(k_rot, cos, sin, a.rope.interleaved)
+        query = np.empty((n, a.n_heads, r + a.head_dim), np.float32)
+        absorbed = self.executor.products(
+            [(mla.w_kb[j], np.ascontiguousarray(q[:, j, :nope])) for j in range(a.n_heads)]
+        )
+        for j, part in enumerate(absorbed):
+            query[:, j, :r] = part
+        query[:, :, r:] = q_rot
+        latent = rmsnorm(np.ascontiguousarray(kv[:, :r]), mla.kv_a_norm, _LATENT_EPS)
+        out = np.empty((n, a.n_heads, r), np.float32)
+        for cache, (s0, s1) in zip(caches, spans, strict=True):
+            p0 = cache.length
+            rows = cache.k[index][p0 : p0 + s1 - s0, 0]
+            rows[:, :r] = latent[s0:s1]
+            rows[:, r:] = k_rot[s0:s1, 0]
+            keys = cache.k[index]
+            out[s0:s1] = attention(query[s0:s1], keys, keys[:, :, :r], p0, None, a.attention_scale)
+        values = self.executor.products(
+            [(mla.w_vb[j], np.ascontiguousarray(out[:, j])) for j in range(a.n_heads)]
+        )
+        (projected,) = self.executor.products([(layer.wo, np.concatenate(values, axis=1))])
+        return projected
+
     def _ffn(self, index: int, layer: LayerWeights, h: np.ndarray, check: bool) -> np.ndarray:
+        shared = None
+        if layer.shared is not None:
+            shared = self.executor.expert(layer.shared, h, (index, SHARED, -1))
+            if not layer.experts:  # a dense layer of an MoE model
+                return shared
+        a = self.args
         if layer.router is None:  # a dense FFN: one expert, always chosen
             chosen = np.zeros((h.shape[0], 1), np.int64)
             weights = np.ones((h.shape[0], 1), np.float32)
         else:
             scores = router_logits(h, layer.router)
             _check(check, scores, f"the router of layer {index}", "router")
-            chosen, weights = route(scores, self.args.n_experts_per_tok, self.args.norm_topk_prob)
+            chosen, weights = route(
+                scores,
+                a.n_experts_per_tok,
+                a.norm_topk_prob,
+                scoring=a.scoring,
+                bias=layer.router_bias,
+                n_group=a.n_group,
+                topk_group=a.topk_group,
+                group_score=a.group_score,
+                scale=a.routed_scale,
+            )
         ids = np.unique(chosen).tolist()
         if self.routing_observer is not None and layer.router is not None:
             self.routing_observer(index, chosen, h)
@@ -212,7 +300,7 @@ class Transformer:
         for e in ids:
             rows, slots = np.nonzero(chosen == e)
             out[rows] += weights[rows, slots][:, None] * outputs[e]
-        return out
+        return out if shared is None else out + shared
 
 
 def router_logits(h: np.ndarray, router: np.ndarray) -> np.ndarray:

@@ -46,19 +46,54 @@ class MatrixSpec:
 ExpertSpec = tuple[MatrixSpec, MatrixSpec, MatrixSpec]  # gate, up, down of one expert on disk
 
 
+SHARED = -1  # the expert id that names a layer's shared FFN (LayerWeights.shared)
+
+
+@dataclass(frozen=True)
+class MLAWeights:
+    """DeepSeek's latent attention beside LayerWeights.wq (q_proj, or q_b_proj after wq_a)
+    and wo. r = kv_lora_rank, R = rotary head dim, N = qk_nope_head_dim, Vh = v_head_dim,
+    Q = q_lora_rank. kv_b_proj is kept split per head and absorbed: w_kb[h] maps a query
+    head's non-rotary part into the latent space, w_vb[h] the attended latent out of it."""
+
+    wkv_a: PackedWeight  # [r + R, D]: the latent and the shared rotary key
+    kv_a_norm: np.ndarray  # float32 [r]
+    w_kb: Sequence[PackedWeight]  # H x [r, N]: head h's key rows of kv_b_proj, transposed
+    w_vb: Sequence[PackedWeight]  # H x [Vh, r]: head h's value rows of kv_b_proj
+    wq_a: PackedWeight | None = None  # [Q, D] when the queries are compressed too
+    q_a_norm: np.ndarray | None = None  # float32 [Q]
+
+    def matrices(self) -> list[PackedWeight]:
+        return [m for m in (self.wq_a, self.wkv_a) if m is not None] + [*self.w_kb, *self.w_vb]
+
+
 @dataclass(frozen=True)
 class LayerWeights:
     attn_norm: np.ndarray  # float32 [D]
-    wq: PackedWeight  # [H*hd, D]
-    wk: PackedWeight  # [G*hd, D]
-    wv: PackedWeight  # [G*hd, D]
-    wo: PackedWeight  # [D, H*hd]
+    wq: PackedWeight  # [H*hd, D] (MLA: [H*(N+R), D] or [H*(N+R), Q])
+    wk: PackedWeight | None  # [G*hd, D]; None with MLA
+    wv: PackedWeight | None  # [G*hd, D]; None with MLA
+    wo: PackedWeight  # [D, H*hd] (MLA: [D, H*Vh])
     ffn_norm: np.ndarray  # float32 [D]
-    router: np.ndarray | None  # float32 [E, D]; None for a dense FFN (one expert, always chosen)
+    # float32 [E, D]; None for a dense FFN (one expert in `experts`, always chosen, or with
+    # experts empty the `shared` FFN alone: DeepSeek's first layers)
+    router: np.ndarray | None
     # resident experts, or where each lies on disk when they are streamed through the cache
     experts: Sequence[ExpertWeights] | Sequence[ExpertSpec]
     q_norm: np.ndarray | None = None  # float32 [hd] or [H*hd] (ModelArgs.qk_norm)
     k_norm: np.ndarray | None = None  # float32 [hd] or [G*hd]
+    mla: MLAWeights | None = None
+    # an FFN every token goes through, always resident: DeepSeek's shared experts (as one
+    # expert of their summed width) or a dense layer's FFN in an MoE model
+    shared: ExpertWeights | None = None
+    router_bias: np.ndarray | None = None  # float32 [E]: added to scores for the choice only
+
+    def matrices(self) -> list[PackedWeight]:
+        """Every non-expert matrix of the layer, in a fixed order."""
+        out = [m for m in (self.wq, self.wk, self.wv, self.wo) if m is not None]
+        if self.mla is not None:
+            out += self.mla.matrices()
+        return out
 
 
 class Embedding:

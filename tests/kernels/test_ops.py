@@ -60,6 +60,15 @@ def test_rope(n, h, hd, interleaved):
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64,
         },
+        {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 16.0,
+            "original_max_position_embeddings": 64,
+            "mscale": 1.0,
+            "mscale_all_dim": 0.707,
+        },
+        {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "beta_fast": 16},
     ],
 )
 def test_inverse_frequencies_match_transformers(rope_parameters):
@@ -80,7 +89,8 @@ def test_inverse_frequencies_match_transformers(rope_parameters):
 
         expected, _ = LlamaRotaryEmbedding.compute_default_rope_parameters(config)
     else:
-        expected, _ = ROPE_INIT_FUNCTIONS[kind](config, torch.device("cpu"))
+        expected, factor = ROPE_INIT_FUNCTIONS[kind](config, torch.device("cpu"))
+        assert rope_from_hf(config.to_dict()).attention_factor == pytest.approx(factor)
     got = inv_frequencies(rope_from_hf(config.to_dict()), 32)
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-6)
 
@@ -94,6 +104,17 @@ def test_attention(n, p0, h, g, hd, window):
     k, v = randn(p0 + n + 3, g, hd), randn(p0 + n + 3, g, hd)
     got = attention(q, k, v, p0, window)
     np.testing.assert_allclose(got, attention_reference(q, k, v, p0, window), rtol=1e-4, atol=1e-5)
+
+
+def test_latent_attention_values_are_a_view_of_the_keys():
+    """DeepSeek's absorbed MLA: one cached row per position, values its first 24 values,
+    an explicit softmax scale."""
+    q, k = randn(5, 4, 32), randn(12, 1, 32)
+    got = attention(q, k, k[:, :, :24], 6, None, 0.3)
+    assert got.shape == (5, 4, 24)
+    np.testing.assert_allclose(
+        got, attention_reference(q, k, k[:, :, :24], 6, None, 0.3), rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("window", [0, 7])
@@ -142,6 +163,39 @@ def test_router(n, e, k, normalize):
         np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
     elif k < e:
         assert (w.sum(-1) < 1.0).all()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(scoring="sigmoid", n_group=4, topk_group=2, group_score="top2", scale=2.5),
+        dict(scoring="sigmoid", normalize=False, n_group=1, topk_group=1, scale=1.5),
+        dict(scoring="softmax", normalize=False, n_group=8, topk_group=3, group_score="max"),
+        dict(scoring="softmax", normalize=False, n_group=2, topk_group=1, scale=16.0),
+    ],
+)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_deepseek_routing(options, with_bias):
+    """Sigmoid scores, a bias steering the choice only, group-limited choice and a scaled
+    weight, against the float64 reference (DeepSeek-V2/V3 as transformers routes)."""
+    options = dict(options)
+    normalize = options.pop("normalize", True)
+    logits = randn(40, 32) * 2
+    bias = (randn(32) * 0.3) if with_bias else None
+    idx, w = route(logits, 6, normalize, bias=bias, **options)
+    ref_idx, ref_w = route_reference(logits, 6, normalize, bias=bias, **options)
+    np.testing.assert_array_equal(np.sort(idx, -1), np.sort(ref_idx, -1))
+    np.testing.assert_allclose(
+        np.take_along_axis(w, np.argsort(idx, -1), -1),
+        np.take_along_axis(ref_w, np.argsort(ref_idx, -1), -1),
+        rtol=1e-5,
+    )
+    if options.get("n_group", 1) > 1:  # every choice lies in the topk_group kept groups
+        size = 32 // options["n_group"]
+        assert all(len(set(row // size)) <= options["topk_group"] for row in idx)
+    if with_bias:  # the bias moved some choice, yet weights are the unbiased scores
+        plain, _ = route(logits, 6, normalize, **options)
+        assert (np.sort(plain, -1) != np.sort(idx, -1)).any()
 
 
 def test_router_rejects_bad_k():

@@ -93,6 +93,104 @@ CONFIGS: dict[str, dict] = {
         norm_topk_prob=True,
         rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
     ),
+    # DeepSeek-V3: latent attention with compressed queries, sigmoid routing with a bias and
+    # groups, a dense first layer, a shared expert, a routed scaling factor
+    "deepseek3-base": dict(
+        arch="deepseek3",
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_attention_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=16,
+        v_head_dim=24,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
+    # DeepSeek-V3 with YaRN (released with factor 40, mscale 1), rotate-half RoPE, direct
+    # query projection, no groups, unnormalised weights, two shared experts, no dense layer
+    "deepseek3-yarn": dict(
+        arch="deepseek3",
+        hidden_size=64,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        num_attention_heads=2,
+        q_lora_rank=None,
+        kv_lora_rank=24,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=6,
+        num_experts_per_tok=3,
+        n_group=1,
+        topk_group=1,
+        n_shared_experts=2,
+        first_k_dense_replace=0,
+        routed_scaling_factor=1.5,
+        norm_topk_prob=False,
+        rope_interleave=False,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 16.0,  # 1024 positions from 64
+            "original_max_position_embeddings": 64,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+        },
+    ),
+    # DeepSeek-V2-Lite's shape: softmax greedy top-k, two shared experts, a dense first layer
+    "deepseek2-lite": dict(
+        arch="deepseek2",
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_attention_heads=4,
+        q_lora_rank=None,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_shared_experts=2,
+        first_k_dense_replace=1,
+        topk_method="greedy",
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
+    # DeepSeek-V2's group-limited routing (groups ranked by their best expert), compressed
+    # queries, a routed scaling factor
+    "deepseek2-group": dict(
+        arch="deepseek2",
+        hidden_size=64,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        num_attention_heads=4,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        n_group=4,
+        topk_group=2,
+        n_shared_experts=1,
+        first_k_dense_replace=0,
+        topk_method="group_limited_greedy",
+        routed_scaling_factor=16.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
     "llama-llama3rope": dict(
         arch="llama",
         hidden_size=64,
@@ -145,6 +243,8 @@ def build_model(
         "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
         "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
         "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
+        "deepseek2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
+        "deepseek3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
     }[arch]
     config = getattr(transformers, config_cls)(**common, **spec)
     model = getattr(transformers, model_cls)(config)
@@ -153,6 +253,10 @@ def build_model(
         for pname, p in model.named_parameters():
             if pname.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+        # DeepSeek-V3's choice bias starts at zero; make it matter
+        for bname, b in model.named_buffers():
+            if bname.endswith("e_score_correction_bias"):
+                b.uniform_(-0.05, 0.05)
     return model.eval()
 
 
