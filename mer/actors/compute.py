@@ -93,12 +93,11 @@ def _warm(args, table) -> None:
 
         zeros = np.zeros(table.source.slot_bytes, np.uint8)
         seen = set()
-        for layer in range(args.n_layers):
-            for e in range(args.n_experts):
-                kinds = table.source.kinds((layer, e))
-                if kinds not in seen:
-                    seen.add(kinds)
-                    experts.append(table.source.decode((layer, e), zeros))
+        for key in table.source.keys():
+            kinds = table.source.kinds(key)
+            if kinds not in seen:
+                seen.add(kinds)
+                experts.append(table.source.decode(key, zeros))
     warm_up(args, weights, experts, matrices_only=True)
 
 

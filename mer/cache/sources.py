@@ -38,7 +38,11 @@ class ExpertSource(Protocol):
     files: Sequence[Path]
     slot_bytes: int  # the most slot bytes any expert needs (a multiple of 4096)
     n_layers: int
-    n_experts: int  # per layer
+    n_experts: int  # per layer (at most: dense layers of an MoE model have none)
+
+    def keys(self) -> Sequence[ExpertKey]:
+        """Every (layer, expert) the source holds."""
+        ...
 
     def segments(self, key: ExpertKey) -> Sequence[Segment]: ...
 
@@ -69,6 +73,9 @@ class FileExperts:
                 into += round_up(length)
             self._segments[key] = tuple(segs)
         self.slot_bytes = max(s[-1].into + round_up(s[-1].length) for s in self._segments.values())
+
+    def keys(self) -> Sequence[ExpertKey]:
+        return list(self._specs)
 
     def segments(self, key: ExpertKey) -> Sequence[Segment]:
         return self._segments[key]

@@ -305,11 +305,10 @@ def sample_experts(source: ExpertSource) -> list[ExpertWeights]:
     """One expert of each block-type mix `source` holds, decoded from zeroed bytes."""
     zeros = np.zeros(source.slot_bytes, np.uint8)
     seen: dict[tuple[str, ...], ExpertWeights] = {}
-    for layer in range(source.n_layers):
-        for e in range(source.n_experts):
-            kinds = source.kinds((layer, e))
-            if kinds not in seen:
-                seen[kinds] = source.decode((layer, e), zeros)
+    for key in source.keys():
+        kinds = source.kinds(key)
+        if kinds not in seen:
+            seen[kinds] = source.decode(key, zeros)
     return list(seen.values())
 
 

@@ -40,7 +40,7 @@ class Block:
     parent: Block | None
     tokens: tuple[int, ...]
     k: np.ndarray  # float32 [layers, BLOCK_SIZE, G, hd]
-    v: np.ndarray
+    v: np.ndarray | None  # None when the values are views of the keys (latent attention)
     refs: int = 0  # running sequences seeded from it (pinned while above 0)
     children: int = 0  # cached blocks that continue it
 
@@ -122,7 +122,8 @@ class PrefixCache:
         cache.reserve(n)
         for layer in range(len(cache.k)):
             cache.k[layer][:n] = np.concatenate([b.k[layer] for b in blocks])
-            cache.v[layer][:n] = np.concatenate([b.v[layer] for b in blocks])
+            if not cache.shared_values:
+                cache.v[layer][:n] = np.concatenate([b.v[layer] for b in blocks])
         cache.length = n
         return n
 
@@ -145,7 +146,7 @@ class PrefixCache:
                     break
                 rows = slice(i * bs, (i + 1) * bs)
                 k = np.stack([k[rows] for k in cache.k])
-                v = np.stack([v[rows] for v in cache.v])
+                v = None if cache.shared_values else np.stack([v[rows] for v in cache.v])
                 block = self._blocks[key] = Block(key, parent, piece, k, v)
                 if parent is not None:
                     parent.children += 1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,8 +204,25 @@ def yarn_attention_factor(params: dict[str, Any], factor: float) -> float:
     return yarn_mscale(factor)
 
 
+@contextmanager
+def naming(source: str) -> Iterator[None]:
+    """Errors about the model config inside name `source` (the config file) instead."""
+    try:
+        yield
+    except ModelFormatError as err:
+        text = str(err)
+        if text.startswith("model config:"):
+            raise ModelFormatError(source + text[len("model config") :]) from None
+        raise
+
+
 def args_from_hf(cfg: dict[str, Any], arch: str, source: str) -> ModelArgs:
     """ModelArgs from a Hugging Face config.json dict; `source` names the file in errors."""
+    with naming(source):
+        return _args_from_hf(cfg, arch, source)
+
+
+def _args_from_hf(cfg: dict[str, Any], arch: str, source: str) -> ModelArgs:
     try:
         dim = int(cfg["hidden_size"])
         n_heads = int(cfg["num_attention_heads"])

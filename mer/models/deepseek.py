@@ -23,7 +23,7 @@ from typing import Any
 
 from mer.errors import ModelFormatError
 from mer.io.safetensors import SafetensorsDir
-from mer.models.args import ModelArgs, args_from_hf, yarn_mscale
+from mer.models.args import ModelArgs, args_from_hf, naming, yarn_mscale
 from mer.models.llama import Triple
 from mer.models.mixtral import ffn_tensors as routed_tensors
 
@@ -85,22 +85,23 @@ def args_from_config(config: dict[str, Any], source: str, version: int) -> Model
     if rope.scaling != "default" and params.get("mscale_all_dim"):
         scale *= yarn_mscale(rope.factor, params["mscale_all_dim"]) ** 2
     first_dense = int(config.get("first_k_dense_replace") or 0)
-    return replace(
-        args,
-        rope=rope,
-        n_group=n_group,
-        topk_group=topk_group,
-        routed_scale=float(config.get("routed_scaling_factor") or 1.0),
-        first_dense_layers=first_dense,
-        dense_ffn_dim=int(need("intermediate_size")) if first_dense else 0,
-        shared_ffn_dim=moe_width * int(config.get("n_shared_experts") or 0),
-        q_lora_rank=int(config.get("q_lora_rank") or 0),
-        kv_lora_rank=rank,
-        qk_nope_head_dim=nope,
-        v_head_dim=v_dim,
-        softmax_scale=scale,
-        **routing,
-    )
+    with naming(source):
+        return replace(
+            args,
+            rope=rope,
+            n_group=n_group,
+            topk_group=topk_group,
+            routed_scale=float(config.get("routed_scaling_factor") or 1.0),
+            first_dense_layers=first_dense,
+            dense_ffn_dim=int(need("intermediate_size")) if first_dense else 0,
+            shared_ffn_dim=moe_width * int(config.get("n_shared_experts") or 0),
+            q_lora_rank=int(config.get("q_lora_rank") or 0),
+            kv_lora_rank=rank,
+            qk_nope_head_dim=nope,
+            v_head_dim=v_dim,
+            softmax_scale=scale,
+            **routing,
+        )
 
 
 def ffn_tensors(

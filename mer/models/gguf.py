@@ -1,5 +1,5 @@
-"""Load a GGUF file (architectures llama, mixtral, qwen3moe, olmoe) into kernel-ready weights
-and a tokenizer.
+"""Load a GGUF file (architectures llama, mixtral, qwen3moe, olmoe, deepseek2) into
+kernel-ready weights and a tokenizer.
 
 For llama and mixtral, llama.cpp's converter permutes the rows of the Q and K projections so
 that RoPE rotates adjacent pairs; mer keeps the file's rows and rotates adjacent pairs too
@@ -7,10 +7,17 @@ that RoPE rotates adjacent pairs; mer keeps the file's rows and rotates adjacent
 Hugging Face's rows and rotate halves (llama.cpp's NEOX rope). What llama.cpp fixes per
 architecture rather than recording in the file, mer fixes the same way: qwen3moe
 renormalises its top-k routing weights, olmoe does not.
+
+deepseek2 (DeepSeek-V2, -V3, R1) records its routing in the file (gating function, groups,
+renormalisation, scale) and keeps kv_b_proj split per head (attn_k_b transposed, attn_v_b), as
+mer's absorbed latent attention uses it; older files with one attn_kv_b are split on loading.
+llama.cpp ranks expert groups by their two best scores whatever the gating function, and
+rotates adjacent pairs; mer does the same for these files.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -19,18 +26,19 @@ from mer.errors import ModelFormatError
 from mer.io.gguf import GGUFFile
 from mer.io.raw import to_float32
 from mer.kernels.matmul import PackedWeight, dequantize, from_gguf_blocks, pack_float
-from mer.models.args import ModelArgs, RopeArgs
+from mer.models.args import ModelArgs, RopeArgs, naming
 from mer.models.gguf_vocab import build_tokenizer
 from mer.models.weights import (
     Embedding,
     ExpertWeights,
     LayerWeights,
     MatrixSpec,
+    MLAWeights,
     ModelWeights,
 )
 from mer.tokenizer import Tokenizer
 
-ARCHITECTURES = ("llama", "mixtral", "qwen3moe", "olmoe")
+ARCHITECTURES = ("llama", "mixtral", "qwen3moe", "olmoe", "deepseek2")
 _QK_NORM = {"qwen3moe": "head", "olmoe": "full"}  # RMSNorm of queries and keys before RoPE
 _NORM_TOPK = {"olmoe": False}  # renormalise the top-k routing weights (llama.cpp's norm_w)
 FLOAT_KINDS = ("f32", "f16", "bf16")
@@ -86,7 +94,8 @@ def _token_id(gg: GGUFFile, key: str, vocab_size: int) -> int | None:
 
 def _args(gg: GGUFFile, arch: str) -> ModelArgs:
     try:
-        return _read_args(gg, arch)
+        with naming(str(gg.path)):
+            return _read_args(gg, arch)
     except (TypeError, ValueError, OverflowError) as err:
         raise ModelFormatError(f"{gg.path}: malformed {arch} metadata ({err})") from None
 
@@ -97,8 +106,10 @@ def _read_args(gg: GGUFFile, arch: str) -> ModelArgs:
 
     dim, n_heads = int(m("embedding_length")), int(m("attention.head_count"))
     head_dim = int(m("attention.key_length", dim // n_heads))
+    if arch == "deepseek2":
+        head_dim = int(m("rope.dimension_count"))  # the rotary part of a query head
     scaling = m("rope.scaling.type", "none")
-    if scaling not in ("none", "linear"):
+    if scaling not in ("none", "linear") and not (arch == "deepseek2" and scaling == "yarn"):
         raise ModelFormatError(f"{gg.path}: rope scaling {scaling!r} is not supported")
     factors = None
     if gg.has("rope_freqs.weight"):
@@ -106,17 +117,18 @@ def _read_args(gg: GGUFFile, arch: str) -> ModelArgs:
         factors = tuple(float(f) for f in to_float32(raw, kind))
     rope = RopeArgs(
         theta=float(m("rope.freq_base", 10000.0)),
-        scaling="linear" if scaling == "linear" else "default",
+        scaling=scaling if scaling in ("linear", "yarn") else "default",
         factor=float(m("rope.scaling.factor", 1.0)),
-        interleaved=arch in ("llama", "mixtral"),
+        original_max_position_embeddings=int(m("rope.scaling.original_context_length", 8192)),
+        interleaved=arch in ("llama", "mixtral", "deepseek2"),
         freq_factors=factors,
     )
     n_experts = int(m("expert_count", 1) or 1)
-    ffn = m("expert_feed_forward_length", None) if arch == "qwen3moe" else None
+    ffn = m("expert_feed_forward_length", None) if arch in ("qwen3moe", "deepseek2") else None
     kind = arch
     if arch in ("llama", "mixtral"):  # llama.cpp writes Mixtral as "llama" with experts
         kind = "mixtral" if n_experts > 1 else "llama"
-    return ModelArgs(
+    fields = dict(
         arch=kind,
         vocab_size=int(m("vocab_size", len(gg.meta("tokenizer.ggml.tokens")))),
         dim=dim,
@@ -133,6 +145,46 @@ def _read_args(gg: GGUFFile, arch: str) -> ModelArgs:
         rope=rope,
         qk_norm=_QK_NORM.get(arch),
         norm_topk_prob=_NORM_TOPK.get(arch, True),
+    )
+    if arch == "deepseek2":
+        fields.update(_deepseek2(gg, m, rope, head_dim))
+    return ModelArgs(**fields)
+
+
+_GATING = {1: "softmax", 2: "sigmoid"}  # llama.cpp's expert_gating_func
+
+
+def _deepseek2(gg: GGUFFile, m, rope: RopeArgs, rope_dim: int) -> dict:
+    """The ModelArgs fields of a deepseek2 file beyond the common ones."""
+    gating = int(m("expert_gating_func", 1))  # absent in early V2 files: softmax
+    if gating not in _GATING:
+        raise ModelFormatError(f"{gg.path}: expert gating function {gating} is not supported")
+    nope = int(m("attention.key_length_mla")) - rope_dim
+    first_dense = int(m("leading_dense_block_count", 0))
+    expert_ffn = int(m("expert_feed_forward_length"))
+    moe_layer = f"blk.{first_dense}."
+    scale = (nope + rope_dim) ** -0.5
+    if rope.scaling == "yarn":  # llama.cpp: mscale = 1 + yarn_log_multiplier * ln(factor)
+        scale *= (
+            1.0 + float(m("rope.scaling.yarn_log_multiplier", 0.0)) * math.log(rope.factor)
+        ) ** 2
+    return dict(
+        n_kv_heads=1,
+        scoring=_GATING[gating],
+        router_bias=gg.has(moe_layer + "exp_probs_b.bias"),
+        n_group=int(m("expert_group_count", 1) or 1),
+        topk_group=int(m("expert_group_used_count", 1) or 1),
+        group_score="top2",
+        routed_scale=float(m("expert_weights_scale", 1.0)),
+        norm_topk_prob=bool(m("expert_weights_norm", False)),
+        first_dense_layers=first_dense,
+        dense_ffn_dim=int(m("feed_forward_length")) if first_dense else 0,
+        shared_ffn_dim=expert_ffn * int(m("expert_shared_count", 0)),
+        q_lora_rank=int(m("attention.q_lora_rank", 0) or 0),
+        kv_lora_rank=int(m("attention.kv_lora_rank")),
+        qk_nope_head_dim=nope,
+        v_head_dim=int(m("attention.value_length_mla")),
+        softmax_scale=scale,
     )
 
 
@@ -179,6 +231,8 @@ class _Loader:
         )
 
     def layer(self, i: int) -> LayerWeights:
+        if self.args.mla:
+            return self.deepseek2_layer(i)
         a = self.args
         p = f"blk.{i}."
         q_dim, kv_dim = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
@@ -202,6 +256,71 @@ class _Loader:
             ffn_norm=self.vector(p + "ffn_norm.weight", a.dim),
             router=router,
             experts=self.experts(p) if a.is_moe else [self.dense_ffn(p)],
+        )
+
+    def router(self, p: str) -> np.ndarray:
+        a = self.args
+        raw, kind = self.gg.tensor(p + "ffn_gate_inp.weight", (a.n_experts, a.dim))
+        return np.ascontiguousarray(dequantize(self.pack(raw, kind, a.n_experts, a.dim)))
+
+    def deepseek2_layer(self, i: int) -> LayerWeights:
+        a = self.args
+        p = f"blk.{i}."
+        d, h, r, nope, vh = a.dim, a.n_heads, a.kv_lora_rank, a.qk_nope_head_dim, a.v_head_dim
+        q_dim = h * a.q_head_dim
+        if a.q_lora_rank:
+            wq = self.matrix(p + "attn_q_b.weight", q_dim, a.q_lora_rank)
+        else:
+            wq = self.matrix(p + "attn_q.weight", q_dim, d)
+        if self.gg.has(p + "attn_k_b.weight"):
+            k_b, k_kind = self.gg.tensor(p + "attn_k_b.weight", (h, r, nope))
+            v_b, v_kind = self.gg.tensor(p + "attn_v_b.weight", (h, vh, r))
+            w_kb = [self.pack(k_b[j], k_kind, r, nope) for j in range(h)]
+            w_vb = [self.pack(v_b[j], v_kind, vh, r) for j in range(h)]
+        else:  # older files: kv_b_proj whole, [H * (nope + vh), r]
+            kv_b = dequantize(self.matrix(p + "attn_kv_b.weight", h * (nope + vh), r))
+            heads = kv_b.reshape(h, nope + vh, r)
+            w_kb = [pack_float(np.ascontiguousarray(x[:nope].T), "f32") for x in heads]
+            w_vb = [pack_float(np.ascontiguousarray(x[nope:]), "f32") for x in heads]
+        mla = MLAWeights(
+            wkv_a=self.matrix(p + "attn_kv_a_mqa.weight", r + a.head_dim, d),
+            kv_a_norm=self.vector(p + "attn_kv_a_norm.weight", r),
+            w_kb=w_kb,
+            w_vb=w_vb,
+            wq_a=self.matrix(p + "attn_q_a.weight", a.q_lora_rank, d) if a.q_lora_rank else None,
+            q_a_norm=self.vector(p + "attn_q_a_norm.weight", a.q_lora_rank)
+            if a.q_lora_rank
+            else None,
+        )
+        dense = a.is_dense_layer(i)
+        if dense:
+            shared = self.resident_ffn(p, "", a.dense_ffn_dim)
+        elif a.shared_ffn_dim:
+            shared = self.resident_ffn(p, "_shexp", a.shared_ffn_dim)
+        else:
+            shared = None
+        return LayerWeights(
+            attn_norm=self.vector(p + "attn_norm.weight", d),
+            wq=wq,
+            wk=None,
+            wv=None,
+            wo=self.matrix(p + "attn_output.weight", d, a.value_dim),
+            ffn_norm=self.vector(p + "ffn_norm.weight", d),
+            router=None if dense else self.router(p),
+            router_bias=self.vector(p + "exp_probs_b.bias", a.n_experts)
+            if a.router_bias and not dense
+            else None,
+            experts=[] if dense else self.experts(p),
+            mla=mla,
+            shared=shared,
+        )
+
+    def resident_ffn(self, p: str, suffix: str, width: int) -> ExpertWeights:
+        d = self.args.dim
+        return ExpertWeights(
+            self.matrix(f"{p}ffn_gate{suffix}.weight", width, d),
+            self.matrix(f"{p}ffn_up{suffix}.weight", width, d),
+            self.matrix(f"{p}ffn_down{suffix}.weight", d, width),
         )
 
     def one_matrix(self, name: str, rows: int, cols: int):

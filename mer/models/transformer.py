@@ -252,7 +252,7 @@ class Transformer:
         shared = None
         if layer.shared is not None:
             shared = self.executor.expert(layer.shared, h, (index, SHARED, -1))
-            if not layer.experts:  # a dense layer of an MoE model
+            if layer.router is None:  # a dense layer of an MoE model: `shared` is its FFN
                 return shared
         a = self.args
         if layer.router is None:  # a dense FFN: one expert, always chosen

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -50,10 +51,34 @@ def dense_tensors(weights: ModelWeights) -> Iterator[tuple[str, PackedWeight | n
     yield "norm", weights.norm
     yield "lm_head", weights.lm_head
     for i, layer in enumerate(weights.layers):
-        for name in ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "router", "q_norm", "k_norm"):
+        p = f"layers.{i}."
+        for name in (
+            "attn_norm",
+            "wq",
+            "wk",
+            "wv",
+            "wo",
+            "ffn_norm",
+            "router",
+            "router_bias",
+            "q_norm",
+            "k_norm",
+        ):
             value = getattr(layer, name)
             if value is not None:
-                yield f"layers.{i}.{name}", value
+                yield p + name, value
+        if layer.mla is not None:
+            for name in ("wq_a", "q_a_norm", "wkv_a", "kv_a_norm"):
+                value = getattr(layer.mla, name)
+                if value is not None:
+                    yield p + name, value
+            for h, w in enumerate(layer.mla.w_kb):
+                yield f"{p}w_kb.{h}", w
+            for h, w in enumerate(layer.mla.w_vb):
+                yield f"{p}w_vb.{h}", w
+        if layer.shared is not None:
+            for part in ("gate", "up", "down"):
+                yield f"{p}shared.{part}", getattr(layer.shared, part)
 
 
 def _progress(enabled: bool):
@@ -198,7 +223,7 @@ def _write_store(
                 bar.advance(task, sum(m.nbytes for m in spec))
             out.flush()
             os.fsync(out.fileno())
-        dense = _write_dense(weights, dst / fmt.DENSE_FILE)
+        dense = _write_dense(_shared_quantized(weights, quant), dst / fmt.DENSE_FILE)
     tokenizer_files = _write_tokenizer(src, tokenizer, dst)
     manifest = {
         "format": fmt.FORMAT,
@@ -221,6 +246,21 @@ def _write_store(
         out.flush()
         os.fsync(out.fileno())
     return manifest
+
+
+def _shared_quantized(weights: ModelWeights, quant: str | None) -> ModelWeights:
+    """The weights with each layer's shared FFN quantized like the experts."""
+    layers = [
+        layer
+        if layer.shared is None
+        else replace(layer, shared=ExpertWeights(*(requantize(w, quant) for w in _parts(layer))))
+        for layer in weights.layers
+    ]
+    return replace(weights, layers=layers)
+
+
+def _parts(layer) -> tuple[PackedWeight, PackedWeight, PackedWeight]:
+    return layer.shared.gate, layer.shared.up, layer.shared.down
 
 
 def _write_dense(weights: ModelWeights, path: Path) -> dict:

@@ -16,7 +16,7 @@ from mer.errors import ModelFormatError
 from mer.io.arena import ALIGN, round_up
 from mer.kernels.matmul import PackedWeight, row_bytes
 from mer.models.args import ModelArgs
-from mer.models.weights import Embedding, ExpertWeights, LayerWeights, ModelWeights
+from mer.models.weights import Embedding, ExpertWeights, LayerWeights, MLAWeights, ModelWeights
 from mer.store import format as fmt
 from mer.tokenizer import Tokenizer
 
@@ -52,12 +52,15 @@ class StoreExperts:
                 )
             self._entries[key] = entry
         for layer in range(args.n_layers):
-            for e in range(args.n_experts):
+            for e in range(0 if args.is_dense_layer(layer) else args.n_experts):
                 if (layer, e) not in self._entries:
                     raise ModelFormatError(
                         f"{root / fmt.MANIFEST}: no entry for expert {e} of layer {layer}"
                     )
         self.slot_bytes = round_up(max(int(e["length"]) for e in self._entries.values()))
+
+    def keys(self) -> Sequence[ExpertKey]:
+        return list(self._entries)
 
     def segments(self, key: ExpertKey) -> Sequence[Segment]:
         entry = self._entries[key]
@@ -75,16 +78,15 @@ class StoreExperts:
         """Every expert as views of a memory map of the experts file, checked when `verify`."""
         mm = np.memmap(self.files[0], dtype=np.uint8, mode="r")
         layers: list[list[ExpertWeights]] = [[] for _ in range(self.n_layers)]
-        for layer in range(self.n_layers):
-            for e in range(self.n_experts):
-                (seg,) = self.segments((layer, e))
-                blob = mm[seg.offset : seg.offset + seg.length]
-                if verify and xxhash.xxh3_64_intdigest(blob) != seg.expected:
-                    raise ModelFormatError(
-                        f"{self.files[0]}: checksum mismatch in expert {e} of layer {layer} "
-                        f"(bytes {seg.offset}..{seg.offset + seg.length}): the store is corrupt"
-                    )
-                layers[layer].append(self.decode((layer, e), blob))
+        for layer, e in sorted(self._entries):
+            (seg,) = self.segments((layer, e))
+            blob = mm[seg.offset : seg.offset + seg.length]
+            if verify and xxhash.xxh3_64_intdigest(blob) != seg.expected:
+                raise ModelFormatError(
+                    f"{self.files[0]}: checksum mismatch in expert {e} of layer {layer} "
+                    f"(bytes {seg.offset}..{seg.offset + seg.length}): the store is corrupt"
+                )
+            layers[layer].append(self.decode((layer, e), blob))
         return layers
 
 
@@ -165,8 +167,29 @@ def _dense_weights(
             raise ModelFormatError(f"{mm_path}: dense tensor {name} runs past the end")
         return mm[spec["offset"] : end].view(dtype).reshape(got)
 
+    def latent(p: str) -> MLAWeights:
+        r, rope, q_rank = args.kv_lora_rank, args.head_dim, args.q_lora_rank
+        heads = range(args.n_heads)
+        return MLAWeights(
+            wkv_a=matrix(p + "wkv_a", r + rope, d),
+            kv_a_norm=array(p + "kv_a_norm", r),
+            w_kb=[matrix(f"{p}w_kb.{h}", r, args.qk_nope_head_dim) for h in heads],
+            w_vb=[matrix(f"{p}w_vb.{h}", args.v_head_dim, r) for h in heads],
+            wq_a=matrix(p + "wq_a", q_rank, d) if q_rank else None,
+            q_a_norm=array(p + "q_a_norm", q_rank) if q_rank else None,
+        )
+
+    def shared(p: str, width: int) -> ExpertWeights | None:
+        if not width:
+            return None
+        return ExpertWeights(
+            matrix(p + "shared.gate", width, d),
+            matrix(p + "shared.up", width, d),
+            matrix(p + "shared.down", d, width),
+        )
+
     mm_path = root / fmt.DENSE_FILE
-    d, q_dim = args.dim, args.n_heads * args.head_dim
+    d, q_dim = args.dim, args.n_heads * args.q_head_dim
     kv_dim = args.n_kv_heads * args.head_dim
     resident = None if stream else experts.resident(verify)
     q_len = k_len = args.head_dim
@@ -175,18 +198,27 @@ def _dense_weights(
     layers = []
     for i in range(args.n_layers):
         p = f"layers.{i}."
+        routed = args.is_moe and not args.is_dense_layer(i)
+        mla = latent(p) if args.mla else None
         layers.append(
             LayerWeights(
                 q_norm=array(p + "q_norm", q_len) if args.qk_norm else None,
                 k_norm=array(p + "k_norm", k_len) if args.qk_norm else None,
                 attn_norm=array(p + "attn_norm", d),
-                wq=matrix(p + "wq", q_dim, d),
-                wk=matrix(p + "wk", kv_dim, d),
-                wv=matrix(p + "wv", kv_dim, d),
-                wo=matrix(p + "wo", d, q_dim),
+                wq=matrix(p + "wq", q_dim, args.q_lora_rank or d),
+                wk=None if mla else matrix(p + "wk", kv_dim, d),
+                wv=None if mla else matrix(p + "wv", kv_dim, d),
+                wo=matrix(p + "wo", d, args.value_dim),
                 ffn_norm=array(p + "ffn_norm", d),
-                router=array(p + "router", args.n_experts, d) if args.is_moe else None,
+                router=array(p + "router", args.n_experts, d) if routed else None,
+                router_bias=array(p + "router_bias", args.n_experts)
+                if routed and args.router_bias
+                else None,
                 experts=() if resident is None else resident[i],
+                mla=mla,
+                shared=shared(
+                    p, args.dense_ffn_dim if args.is_dense_layer(i) else args.shared_ffn_dim
+                ),
             )
         )
     embed = get("embed", array=True)

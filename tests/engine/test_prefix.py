@@ -329,6 +329,37 @@ def test_streamed_experts_and_a_sliding_window(moe):
         assert routed_without == plain.model.fed and routed == engine.model.fed
 
 
+def test_latent_attention_caches_one_row_per_position(tmp_path):
+    """DeepSeek-V3's KV cache holds one latent row per position (the values are views of
+    it): prefix blocks keep those rows alone and seed them back bit-exactly."""
+    from tests.support.hf_models import build_model, save_model
+
+    path = save_model(build_model("deepseek3-base", n_layers=2, seed=3), tmp_path / "ds", "f32")
+    model = mer.load_model(path)
+    a = model.args
+    assert KVCache(a).k[0].shape[1:] == (1, a.kv_lora_rank + a.head_dim)
+    rng = np.random.default_rng(4)
+    shared = rng.integers(3, a.vocab_size, size=70).tolist()
+    prompts = {n: shared + rng.integers(3, 500, size=k).tolist() for n, k in (("a", 5), ("b", 9))}
+
+    def serve(prefix_cache: bool) -> tuple[dict, Engine]:
+        engine = engine_for(model, prefix_cache)
+        first = submit(engine, prompts["a"], "a")
+        while first.prefilling:
+            engine.step()
+        seqs = {"a": first, "b": submit(engine, prompts["b"], "b")}
+        run(engine)
+        return seqs, engine
+
+    without, _ = serve(False)
+    with_cache, engine = serve(True)
+    for name in "ab":
+        assert_same(with_cache[name], (without[name].output_ids, without[name].logits))
+    assert with_cache["b"].cached_tokens == 70 // BLOCK_SIZE * BLOCK_SIZE
+    blocks = list(engine.scheduler.prefix._blocks.values())
+    assert blocks and all(b.v is None for b in blocks)
+
+
 # the block index alone, on a KV cache filled with made-up keys and values
 
 

@@ -124,3 +124,56 @@ def test_missing_qk_norm_is_named(qwen3_dir, tmp_path):
     del tensors["model.layers.1.self_attn.k_norm.weight"]
     save_file(tensors, shard)
     assert_one_line_error(run_generate(d), "model.layers.1.self_attn.k_norm.weight", "missing")
+
+
+@pytest.fixture(scope="module")
+def deepseek_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("deepseek3")
+    save_model(build_model("deepseek3-base"), directory, "f32")
+    return directory
+
+
+@pytest.mark.parametrize(
+    "change,needles",
+    [
+        ({"scoring_func": "softmax"}, ("routing", "softmax", "not supported")),
+        ({"topk_method": "group_limited_greedy"}, ("routing", "group_limited_greedy")),
+        ({"architectures": ["DeepseekV2ForCausalLM"], "topk_method": "random"},
+         ("topk_method", "random")),
+        ({"kv_lora_rank": None}, ("missing key kv_lora_rank",)),
+        ({"n_group": 3}, ("n_group",)),
+        ({"topk_group": 5}, ("topk_group",)),
+        ({"first_k_dense_replace": 9}, ("first_k_dense_replace",)),
+        ({"qk_rope_head_dim": 15}, ("qk_rope_head_dim", "even")),
+        ({"attention_bias": True}, ("attention_bias",)),
+        ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, ("longrope",)),
+    ],
+)  # fmt: skip
+def test_unsupported_deepseek_settings(deepseek_dir, tmp_path, change, needles):
+    """An unknown routing function or method, a bad group split, a missing key: one line."""
+    d = copy_dir(deepseek_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(change)
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(run_generate(d), "config.json", *needles)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "model.layers.1.self_attn.kv_b_proj.weight",
+        "model.layers.1.mlp.gate.e_score_correction_bias",
+        "model.layers.1.mlp.shared_experts.down_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+    ],
+)
+def test_missing_deepseek_tensor_is_named(deepseek_dir, tmp_path, name):
+    from safetensors.numpy import load_file, save_file
+
+    d = copy_dir(deepseek_dir, tmp_path / "m")
+    [shard] = d.glob("*.safetensors")
+    tensors = load_file(shard)
+    del tensors[name]
+    save_file(tensors, shard)
+    assert_one_line_error(run_generate(d), name, "missing")

@@ -1,4 +1,4 @@
-"""Qwen3-MoE and OLMoE GGUF files made by llama.cpp's converter and quantizer, read by mer:
+"""Qwen3-MoE, OLMoE and DeepSeek (deepseek2) GGUF files made by llama.cpp's converter and quantizer, read by mer:
 the same logits as llama.cpp (top-1, KL) and, from the F16 file, as transformers."""
 
 from __future__ import annotations
@@ -13,7 +13,14 @@ from tests.support.mixtral_gguf import CONTINUATION
 from tests.support.mixtral_gguf import prompts as text_prompts
 from tests.support.moe_gguf import KINDS
 
-ARCHS = ["qwen3moe", "olmoe"]
+ARCHS = ["qwen3moe", "olmoe", "deepseek2"]
+
+
+# llama.cpp rounds activations to 8 bits before each product of a quantized matrix; DeepSeek's
+# latent attention adds two rounded per-head products (into and out of the latent) to every
+# layer, so its quantized files drift further from mer's float32 activations (its F16 file
+# agrees to a KL of 1e-5)
+MEDIAN_KL = {"deepseek2": 0.008}
 
 
 def prompts(model) -> list[list[int]]:
@@ -35,7 +42,7 @@ def test_agrees_with_llamacpp(gguf_moe, arch, kind):
         kls.append(kl)
     print(f"tiny {arch} {kind} vs llama.cpp: top-1 {np.mean(tops):.4f}, mean KL {np.mean(kls):.5f}")
     assert np.mean(tops) >= 0.97
-    assert np.median(kls) <= 0.002, [round(k, 4) for k in kls]
+    assert np.median(kls) <= MEDIAN_KL.get(arch, 0.002), [round(k, 4) for k in kls]
     assert np.mean(kls) <= 0.02, [round(k, 4) for k in kls]
 
 
@@ -43,7 +50,8 @@ def test_agrees_with_llamacpp(gguf_moe, arch, kind):
 def test_f16_file_agrees_with_transformers(gguf_moe, arch):
     hf, paths = gguf_moe(arch)
     model = mer.load_model(paths["f16"])
-    assert model.weights.layers[0].q_norm is not None
+    layer = model.weights.layers[0]
+    assert layer.q_norm is not None or layer.mla is not None
     for ids in prompts(model)[:3]:
         assert rel_err(model.logits(ids), hf_logits(hf, ids)) <= 1e-3
 

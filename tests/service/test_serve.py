@@ -72,6 +72,32 @@ def test_tokens_equal_mer_generate(service_factory, small_store, workers):
     assert service.stop() == 0
 
 
+def test_deepseek_store_through_compute_workers(tmp_path):
+    """A DeepSeek-V3 store (latent attention, a dense first layer, shared experts, routed
+    experts streamed through the cache and io actors) with every product, the per-head
+    latent ones and the shared experts included, on 2 compute workers: the tokens of
+    `mer generate`."""
+    from mer.store.convert import convert
+    from tests.service.conftest import Service
+    from tests.support.hf_models import build_model, save_model
+    from tests.support.tokenizers import write_tokenizer
+
+    hf = save_model(build_model("deepseek3-base", n_layers=5, seed=2), tmp_path / "hf", "f32")
+    write_tokenizer(hf, "chatml")
+    store = tmp_path / "store"
+    convert(hf, store, quant="q8_0")
+    service = Service(store, tmp_path, WORKERS, None, ("--compute", "2"))
+    try:
+        service.wait_ready()
+        for temperature, seed in ((0.0, 1), (0.9, 7)):
+            ref = generate_json(store, PROMPT, 16, seed, temperature)
+            ids, text, _ = stream_completion(service.url, PROMPT, 16, seed, temperature)
+            assert ids == ref["token_ids"] and text == ref["text"]
+        assert service.stop() == 0
+    finally:
+        service.stop()
+
+
 @pytest.mark.parametrize("how", ["kill -9", "SIGSTOP"])
 def test_engine_dies_mid_stream_and_the_stream_goes_on(service_factory, small_store, how):
     service = service_factory()

@@ -87,17 +87,25 @@ def test_safetensors_at_quarter_budget(hf_mixtral):
     check_same(resident, hf_mixtral, expert_bytes(resident) // 4)
 
 
-@pytest.mark.parametrize("name", ["qwen3moe-top4-softmax", "olmoe-gqa-top3-norm"])
+@pytest.mark.parametrize(
+    "name", ["qwen3moe-top4-softmax", "olmoe-gqa-top3-norm", "deepseek3-base", "deepseek2-lite"]
+)
 def test_newer_moe_architectures_at_quarter_budget(name, store_dir):
     """Qwen3-MoE and OLMoE (per-head and whole-projection q/k norms, routing weights
-    renormalised or not), from safetensors and from a Q4_0 store."""
+    renormalised or not), DeepSeek-V3 and -V2 (latent attention, a dense first layer and
+    shared experts resident, the routed experts streamed), from safetensors and from a Q4_0
+    store; a float32 store computes exactly what the safetensors do."""
     from mer.store.convert import convert
     from tests.support.hf_models import build_model, save_model
 
     path = store_dir / f"hf-{name}"
-    save_model(build_model(name, n_layers=2, seed=5), path, "f32")
+    save_model(build_model(name, n_layers=3, seed=5), path, "f32")
     resident = mer.load_model(path)
     check_same(resident, path, expert_bytes(resident) // 4)
+    convert(path, store_dir / f"store32-{name}")
+    np.testing.assert_array_equal(
+        mer.load_model(store_dir / f"store32-{name}").logits(IDS), resident.logits(IDS)
+    )
     convert(path, store_dir / f"store-{name}", quant="q4_0")
     resident = mer.load_model(store_dir / f"store-{name}")
     check_same(resident, store_dir / f"store-{name}", expert_bytes(resident) // 4)

@@ -1,4 +1,4 @@
-"""Tiny Qwen3-MoE and OLMoE models, trained briefly, converted and quantized by llama.cpp's own
+"""Tiny Qwen3-MoE, OLMoE and DeepSeek-V3 models, trained briefly, converted and quantized by llama.cpp's own
 tools (tests/conftest.py builds each once per session).
 
 llama.cpp's converter accepts only tokenizers it recognises, so these models use the bundled
@@ -6,6 +6,7 @@ SmolLM2 tokenizer (49152 tokens), rebuilt from its GGUF vocabulary."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -40,6 +41,33 @@ CONFIGS["olmoe-gguf"] = dict(
     norm_topk_prob=False,  # nor does llama.cpp for olmoe
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
 )
+# DeepSeek-V3's shape (llama.cpp's deepseek2): latent attention with compressed queries, a
+# dense first layer, sigmoid routing with a bias in groups, a shared expert
+CONFIGS["deepseek2-gguf"] = dict(
+    arch="deepseek3",
+    hidden_size=256,
+    intermediate_size=512,
+    moe_intermediate_size=256,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    q_lora_rank=256,
+    kv_lora_rank=256,
+    qk_nope_head_dim=64,
+    qk_rope_head_dim=32,
+    v_head_dim=64,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    routed_scaling_factor=2.5,
+    norm_topk_prob=True,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+)
+# what released configs say and transformers does not write back (llama.cpp's converter
+# reads the gating function from it)
+SAVED_EXTRA = {"deepseek2": {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}}
 KINDS = ["f16", "q8_0", "q4_k_m"]
 
 
@@ -52,4 +80,7 @@ def build(arch: str, root: Path, cache_dir: Path) -> tuple[object, dict[str, Pat
     # fewer, larger steps than the Mixtral files take: the 49152-token head makes each step dear
     train_briefly(hf, [tok.encode(t).ids for t in TEXTS], steps=80, lr=5e-3)
     save_model(hf, hf_dir, "f16")
+    if arch in SAVED_EXTRA:
+        config = json.loads((hf_dir / "config.json").read_text())
+        (hf_dir / "config.json").write_text(json.dumps({**config, **SAVED_EXTRA[arch]}))
     return hf, llamacpp.gguf_files(hf_dir, root, cache_dir, KINDS)
