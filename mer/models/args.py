@@ -37,7 +37,8 @@ class RopeArgs:
 class ModelArgs:
     """The shape of a Llama-family decoder; a dense FFN is one expert that is always selected."""
 
-    arch: str  # "llama" | "mixtral" | "qwen3moe" | "olmoe" | "deepseek2" | "deepseek3"
+    # "llama" | "mixtral" | "qwen2moe" | "qwen3moe" | "olmoe" | "deepseek2" | "deepseek3"
+    arch: str
     vocab_size: int
     dim: int
     n_layers: int
@@ -75,6 +76,10 @@ class ModelArgs:
     first_dense_layers: int = 0
     dense_ffn_dim: int = 0
     shared_ffn_dim: int = 0
+    # the shared expert's output is scaled per token by sigmoid(h . w) (Qwen2-MoE)
+    shared_gate: bool = False
+    # biases on the query, key and value projections (Qwen2-MoE)
+    qkv_bias: bool = False
     # DeepSeek's multi-head latent attention when kv_lora_rank > 0: keys and values come from
     # a compressed latent of kv_lora_rank values per token (what the KV cache holds) plus one
     # shared rotary key of head_dim values; query heads are qk_nope_head_dim + head_dim wide,

@@ -16,7 +16,7 @@ from mer.errors import ModelFormatError
 from mer.io.raw import to_float32
 from mer.io.safetensors import SafetensorsDir
 from mer.kernels.matmul import PackedWeight, pack_float, quantize
-from mer.models import deepseek, llama, mixtral, olmoe, qwen3moe
+from mer.models import deepseek, llama, mixtral, olmoe, qwen2moe, qwen3moe
 from mer.models.args import ModelArgs
 from mer.models.weights import (
     Embedding,
@@ -32,6 +32,7 @@ from mer.models.weights import (
 ARCHITECTURES: dict[str, ModuleType | SimpleNamespace] = {
     "LlamaForCausalLM": llama,
     "MixtralForCausalLM": mixtral,
+    "Qwen2MoeForCausalLM": qwen2moe,
     "Qwen3MoeForCausalLM": qwen3moe,
     "OlmoeForCausalLM": olmoe,
     "DeepseekV2ForCausalLM": deepseek.V2,
@@ -146,8 +147,18 @@ class _Loader:
                     router_name.replace(".weight", ".e_score_correction_bias"), a.n_experts
                 )
         shared = getattr(module, "shared_tensors", lambda *_: None)(self.src, a, i)
+        shared_gate = None
         if shared is not None:  # always resident, quantized like the experts
             shared = ExpertWeights(*(self.resident_matrix(arr, kind) for arr, kind in shared))
+            if a.shared_gate:
+                arr, kind = self.src.get(p + "mlp.shared_expert_gate.weight", (1, a.dim))
+                shared_gate = np.ascontiguousarray(to_float32(arr, kind)[0])
+        bq = bk = bv = None
+        if a.qkv_bias:
+            kv_dim = a.n_kv_heads * a.head_dim
+            bq = self.vector(p + "self_attn.q_proj.bias", a.n_heads * a.head_dim)
+            bk = self.vector(p + "self_attn.k_proj.bias", kv_dim)
+            bv = self.vector(p + "self_attn.v_proj.bias", kv_dim)
         q_norm, k_norm = self.qk_norms(p)
         wq, wk, wv, mla = self.attention(p + "self_attn.")
         return LayerWeights(
@@ -163,6 +174,10 @@ class _Loader:
             router_bias=bias,
             experts=[self.expert(triple) for triple in experts],
             shared=shared,
+            shared_gate=shared_gate,
+            bq=bq,
+            bk=bk,
+            bv=bv,
             mla=mla,
         )
 

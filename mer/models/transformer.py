@@ -178,6 +178,8 @@ class Transformer:
         if layer.mla is not None:
             return self._latent_attention(layer, layer.mla, h, caches, spans, index, cos, sin)
         q, k, v = self.executor.products([(layer.wq, h), (layer.wk, h), (layer.wv, h)])
+        if layer.bq is not None:
+            q, k, v = q + layer.bq, k + layer.bk, v + layer.bv
         if args.qk_norm == "full":  # over the whole projection (OLMoE)
             q = rmsnorm(q, layer.q_norm, args.norm_eps)
             k = rmsnorm(k, layer.k_norm, args.norm_eps)
@@ -252,6 +254,9 @@ class Transformer:
         shared = None
         if layer.shared is not None:
             shared = self.executor.expert(layer.shared, h, (index, SHARED, -1))
+            if layer.shared_gate is not None:  # Qwen2-MoE: scaled per token by a sigmoid gate
+                gate = router_logits(h, layer.shared_gate[None, :])
+                shared = shared * (np.float32(1.0) / (np.float32(1.0) + np.exp(-gate)))
             if layer.router is None:  # a dense layer of an MoE model: `shared` is its FFN
                 return shared
         a = self.args

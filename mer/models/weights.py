@@ -87,6 +87,10 @@ class LayerWeights:
     # expert of their summed width) or a dense layer's FFN in an MoE model
     shared: ExpertWeights | None = None
     router_bias: np.ndarray | None = None  # float32 [E]: added to scores for the choice only
+    shared_gate: np.ndarray | None = None  # float32 [D]: the shared FFN's gate (Qwen2-MoE)
+    bq: np.ndarray | None = None  # float32 [H*hd]: projection biases (ModelArgs.qkv_bias)
+    bk: np.ndarray | None = None  # float32 [G*hd]
+    bv: np.ndarray | None = None  # float32 [G*hd]
 
     def matrices(self) -> list[PackedWeight]:
         """Every non-expert matrix of the layer, in a fixed order."""

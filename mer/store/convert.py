@@ -61,8 +61,12 @@ def dense_tensors(weights: ModelWeights) -> Iterator[tuple[str, PackedWeight | n
             "ffn_norm",
             "router",
             "router_bias",
+            "shared_gate",
             "q_norm",
             "k_norm",
+            "bq",
+            "bk",
+            "bv",
         ):
             value = getattr(layer, name)
             if value is not None:

@@ -216,6 +216,10 @@ def _dense_weights(
                 else None,
                 experts=() if resident is None else resident[i],
                 mla=mla,
+                shared_gate=array(p + "shared_gate", d) if routed and args.shared_gate else None,
+                bq=array(p + "bq", q_dim) if args.qkv_bias else None,
+                bk=array(p + "bk", kv_dim) if args.qkv_bias else None,
+                bv=array(p + "bv", kv_dim) if args.qkv_bias else None,
                 shared=shared(
                     p, args.dense_ffn_dim if args.is_dense_layer(i) else args.shared_ffn_dim
                 ),

@@ -88,12 +88,20 @@ def test_safetensors_at_quarter_budget(hf_mixtral):
 
 
 @pytest.mark.parametrize(
-    "name", ["qwen3moe-top4-softmax", "olmoe-gqa-top3-norm", "deepseek3-base", "deepseek2-lite"]
+    "name",
+    [
+        "qwen3moe-top4-softmax",
+        "olmoe-gqa-top3-norm",
+        "deepseek3-base",
+        "deepseek2-lite",
+        "qwen2moe-base",
+    ],
 )
 def test_newer_moe_architectures_at_quarter_budget(name, store_dir):
     """Qwen3-MoE and OLMoE (per-head and whole-projection q/k norms, routing weights
     renormalised or not), DeepSeek-V3 and -V2 (latent attention, a dense first layer and
-    shared experts resident, the routed experts streamed), from safetensors and from a Q4_0
+    shared experts resident, the routed experts streamed), Qwen2-MoE (projection biases, a
+    gated shared expert), from safetensors and from a Q4_0
     store; a float32 store computes exactly what the safetensors do."""
     from mer.store.convert import convert
     from tests.support.hf_models import build_model, save_model

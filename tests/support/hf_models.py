@@ -195,6 +195,33 @@ CONFIGS: dict[str, dict] = {
         routed_scaling_factor=16.0,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     ),
+    # Qwen2-MoE: q/k/v biases, a gated shared expert beside softmax top-k experts
+    "qwen2moe-base": dict(
+        arch="qwen2moe",
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    ),
+    "qwen2moe-top4-norm": dict(
+        arch="qwen2moe",
+        hidden_size=96,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+        num_experts=12,
+        num_experts_per_tok=4,
+        norm_topk_prob=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
     "llama-llama3rope": dict(
         arch="llama",
         hidden_size=64,
@@ -245,6 +272,7 @@ def build_model(
     config_cls, model_cls = {
         "llama": ("LlamaConfig", "LlamaForCausalLM"),
         "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+        "qwen2moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
         "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
         "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
         "deepseek2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
@@ -257,6 +285,8 @@ def build_model(
         for pname, p in model.named_parameters():
             if pname.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+            elif pname.endswith(".bias"):  # projection biases start at zero too
+                p.uniform_(-0.2, 0.2)
         # DeepSeek-V3's choice bias starts at zero; make it matter
         for bname, b in model.named_buffers():
             if bname.endswith("e_score_correction_bias"):
