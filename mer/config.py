@@ -89,6 +89,7 @@ class IoConfig:
     count: int = 1
     queue_depth: int = 16
     backend: str = "auto"
+    coalesce: bool = True  # one read for experts that follow each other on disk
 
 
 @dataclass(frozen=True)

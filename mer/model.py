@@ -169,6 +169,7 @@ def load_model(
     io_backend: str = "auto",
     verify: bool = True,
     prefetch: bool = True,
+    coalesce: bool = True,
     streamer_factory=None,
 ) -> Model:
     """Load a model from a mer store, a Hugging Face directory or a GGUF file.
@@ -178,6 +179,7 @@ def load_model(
     cache_bytes: stream experts from disk through a RAM cache of this many bytes instead of
     loading them all; io_backend: "auto", "uring", "preadv" or "buffered"; verify: check
     expert checksums (stores) on every read; prefetch: read predicted experts ahead;
+    coalesce: read experts that follow each other on disk with one request;
     streamer_factory(source, args): what streams the experts instead of an in-process
     `ExpertStreamer` (the service's engine: `mer.cache.remote`).
     """
@@ -205,6 +207,7 @@ def load_model(
             backend=io_backend,
             verify=verify,
             prefetch=prefetch,
+            coalesce=coalesce,
         )
     return Model(args, weights, tokenizer, source, streamer)
 

@@ -3,8 +3,10 @@
 `IoCore` (socket-free, tested directly) turns each `Read` into reads of the expert's
 segments (`ExpertReader`: io_uring with O_DIRECT, else preadv, else buffered reads; each
 segment checked against its checksum) and reports a `ReadDone` per expert, with the reason
-if it failed. A `Hello` from the cache (a cache that just started asks) is answered once no
-read from before it is still landing in the arena.
+if it failed. The reads of all the `Read`s that arrived together are submitted together at
+the next `poll`, so experts that follow each other on disk are read with one request. A
+`Hello` from the cache (a cache that just started asks) is answered once no read from before
+it is still landing in the arena.
 
 The shell connects a DEALER socket to the cache (identity `io.N`), says hello when it
 starts, and waits on that socket and on the readers' eventfds at once: it never spins. On
@@ -32,6 +34,7 @@ class IoCore:
         self.source, self.readers, self.arena = source, readers, arena
         self.flights: dict[tuple[int, int, int], list] = {}  # (layer, e, slot) -> [left, error]
         self.sync_asked = False
+        self._queued: dict[int, list[ReadRequest]] = {}  # file -> reads not yet submitted
 
     @property
     def busy(self) -> bool:
@@ -61,11 +64,21 @@ class IoCore:
             request = ReadRequest(
                 seg.offset, seg.length, self.arena, body.slot, seg.expected, (ref, i), seg.into
             )
-            try:
-                self.readers[seg.file].submit([request])
-            except MerError as err:  # a request the reader refuses: that segment fails
-                self._segment_done(ref, str(err))
+            self._queued.setdefault(seg.file, []).append(request)
         return self._finished()
+
+    def _submit(self) -> None:
+        """Start the queued reads, each file's in one batch."""
+        queued, self._queued = self._queued, {}
+        for file, requests in queued.items():
+            try:
+                self.readers[file].submit(requests)
+            except MerError:  # some request is refused: find it, start the others
+                for request in requests:
+                    try:
+                        self.readers[file].submit([request])
+                    except MerError as err:  # that segment fails
+                        self._segment_done(request.tag[0], str(err))
 
     def _segment_done(self, ref, error: str | None) -> None:
         flight = self.flights[ref]
@@ -74,7 +87,9 @@ class IoCore:
             flight[1] = error
 
     def poll(self) -> list[Body]:
-        """Reports of the reads that finished since the last call (never waits)."""
+        """Start the reads asked for since the last call; reports of the reads that finished
+        (never waits)."""
+        self._submit()
         for reader in self.readers:
             if reader.busy:
                 for res in reader.poll(block=False):
@@ -120,7 +135,12 @@ def main() -> None:
     cfg = actor.config
     _, _, _, source = load_store(resolve_model(cfg.model), stream=True, verify=False)
     readers = [
-        ExpertReader(path, queue_depth=cfg.io.queue_depth, backend=cfg.io.backend)
+        ExpertReader(
+            path,
+            queue_depth=cfg.io.queue_depth,
+            backend=cfg.io.backend,
+            coalesce=cfg.io.coalesce,
+        )
         for path in source.files
     ]
     core = IoCore(source, readers, attach_arena(actor.run_dir, None))

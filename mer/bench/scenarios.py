@@ -199,6 +199,18 @@ def disk_configs(p: Plan, gguf: Path, store: Path, ids: list[int]) -> list[Confi
             **capped,
         ),
         Config(
+            f"mer store, {size_text(p.main_budget)} cache, reads not merged",
+            engine="mer",
+            spec={
+                **spec,
+                "kind": "mer",
+                "model": str(store),
+                "cache_bytes": p.main_budget,
+                "coalesce": False,
+            },
+            **capped,
+        ),
+        Config(
             f"mer GGUF, {size_text(p.main_budget)} cache",
             engine="mer",
             spec={**spec, "kind": "mer", "model": str(gguf), "cache_bytes": p.main_budget},

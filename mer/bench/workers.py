@@ -33,7 +33,10 @@ def run_mer(spec: dict) -> dict:
 
     start = time.perf_counter()
     model = mer.load_model(
-        spec["model"], cache_bytes=spec.get("cache_bytes"), prefetch=spec.get("prefetch", True)
+        spec["model"],
+        cache_bytes=spec.get("cache_bytes"),
+        prefetch=spec.get("prefetch", True),
+        coalesce=spec.get("coalesce", True),
     )
     if spec.get("threads"):
         matmul.set_num_threads(spec["threads"])
@@ -81,6 +84,8 @@ def run_mer(spec: dict) -> dict:
                 delta("prefetch_used") / delta("prefetches") if delta("prefetches") else None
             ),
             prefetch_wasted_bytes_per_token=delta("prefetch_wasted_bytes") / n,
+            disk_reads_per_token=delta("disk_reads") / n,
+            reads_merged_per_token=delta("reads_merged") / n,
         )
         model.close()
     return out

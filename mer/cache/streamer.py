@@ -63,6 +63,7 @@ class ExpertStreamer:
         queue_depth: int = 16,
         prefetch: bool = True,
         pin_fraction: float = 0.25,
+        coalesce: bool = True,
     ) -> None:
         self.source = source
         self.k = n_experts_per_tok
@@ -74,7 +75,13 @@ class ExpertStreamer:
         try:
             for path in source.files:
                 self.readers.append(
-                    ExpertReader(path, queue_depth=queue_depth, backend=backend, verify=verify)
+                    ExpertReader(
+                        path,
+                        queue_depth=queue_depth,
+                        backend=backend,
+                        verify=verify,
+                        coalesce=coalesce,
+                    )
                 )
         except BaseException:
             self._finalizer()
@@ -203,24 +210,26 @@ class ExpertStreamer:
         self._issue()
 
     def _issue(self) -> None:
-        """Hand the tier's read orders to the readers."""
+        """Hand the tier's read orders to the readers, each reader's in one batch (so reads
+        of experts that follow each other in the file are merged)."""
+        batches: dict[int, list[ReadRequest]] = {}
         for order in self.tier.take_orders():
             self._mem.decoded.pop(order.slot, None)  # the slot is about to hold other bytes
             self._segments_left[order.key] = len(order.segments)
             for i, seg in enumerate(order.segments):
-                self.readers[seg.file].submit(
-                    [
-                        ReadRequest(
-                            seg.offset,
-                            seg.length,
-                            self.arena,
-                            order.slot,
-                            seg.expected,
-                            (order.key, i),
-                            seg.into,
-                        )
-                    ]
+                batches.setdefault(seg.file, []).append(
+                    ReadRequest(
+                        seg.offset,
+                        seg.length,
+                        self.arena,
+                        order.slot,
+                        seg.expected,
+                        (order.key, i),
+                        seg.into,
+                    )
                 )
+        for file, requests in batches.items():
+            self.readers[file].submit(requests)
 
     def _harvest(self, block: bool) -> list[ExpertKey]:
         """Finish reads that completed; with `block`, wait for at least one expert."""
@@ -275,9 +284,12 @@ class ExpertStreamer:
         """The streaming tier's figures (README: "What --stats reports" defines each): acquires
         that found the expert ready, found its read in flight, or missed, overall and per layer;
         bytes read (per token too) and read speed; stalls and cold-read latency; read-ahead
-        precision, recall and waste; each predictor's precision and recall."""
+        precision, recall and waste; each predictor's precision and recall; the requests the
+        disk saw (`disk_reads`) and the expert reads merged into another's (`reads_merged`)."""
         return {
             "backend": self.backend,
+            "disk_reads": sum(r.stats.reads for r in self.readers),
+            "reads_merged": sum(r.stats.merged for r in self.readers),
             **self.lookahead.telemetry(),
             **self.tier.telemetry(self.lookahead.tokens),
             "stall_s": self.stall_s,

@@ -7,7 +7,7 @@ import argparse
 import sys
 import time
 
-from mer.cli.common import Parser, finite, text, whole
+from mer.cli.common import Parser, finite, parse_size, text, whole
 from mer.errors import MerError, os_error_text
 
 
@@ -23,6 +23,12 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="replace a store (or an interrupted conversion) at DST, once the new one is complete",
     )
+    p.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="a routing trace of the model (mer trace record): experts used together are laid "
+        "out together, so their reads merge",
+    )
     p.set_defaults(run=_run_convert)
 
 
@@ -31,7 +37,12 @@ def _run_convert(opts: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     manifest = convert(
-        opts.src, opts.dst, quant=opts.quant, force=opts.force, progress=sys.stderr.isatty()
+        opts.src,
+        opts.dst,
+        quant=opts.quant,
+        force=opts.force,
+        progress=sys.stderr.isatty(),
+        trace=opts.trace,
     )
     experts = manifest["experts"]
     print(
@@ -62,6 +73,11 @@ def add_trace(sub: argparse._SubParsersAction) -> None:
     rec.add_argument("--max-tokens", type=whole(1), default=64, help="tokens to generate")
     rec.add_argument("--seed", type=whole(0), default=0, help="sampling seed")
     rec.add_argument("--out", required=True, help="trace file to write (JSON)")
+    rec.add_argument(
+        "--cache-bytes",
+        type=parse_size,
+        help="stream experts through a RAM cache of SIZE (for a model larger than memory)",
+    )
     rec.set_defaults(run=_run_trace_record)
     sim = tsub.add_parser("simulate", help="hit rates of LRU, mer's policy and Belady's MIN")
     sim.add_argument("trace", help="a trace file from `mer trace record`")
@@ -81,7 +97,7 @@ def _run_trace_record(opts: argparse.Namespace) -> int:
     from mer.models.sources import resolve_model
     from mer.sampling import SamplingParams
 
-    model = load_model(resolve_model(opts.model))
+    model = load_model(resolve_model(opts.model), cache_bytes=opts.cache_bytes)
     if not model.args.is_moe:
         raise MerError(
             f"{opts.model}: not a Mixture-of-Experts model, there is no routing to trace"

@@ -1,9 +1,11 @@
 """I/O engines behind ExpertReader: each starts reads into arena memory and reaps completions.
 
-An engine has `start(op, arena, buf_off, n, file_off)`, `flush()`, `reap(block) -> [(op, res)]`
-(res: bytes read, or -errno), `close()` and `event_fd`: an eventfd that turns readable when a
-read completes (so an actor can wait on it beside its sockets). `Threads` runs os.preadv on a
-thread pool (preadv releases the GIL); `Uring` issues io_uring READ requests into arena memory.
+An engine has `start(op, arena, iov, file_off)` (iov: (offset in the arena, bytes) per
+destination, filled in order from `file_off`), `flush()`, `reap(block) -> [(op, res)]` (res:
+bytes read, or -errno), `close()` and `event_fd`: an eventfd that turns readable when a read
+completes (so an actor can wait on it beside its sockets). `Threads` runs os.preadv on a
+thread pool (preadv releases the GIL); `Uring` issues io_uring READ (one destination) or READV
+requests into arena memory.
 """
 
 from __future__ import annotations
@@ -30,13 +32,17 @@ def errno_text(code: int) -> str:
     return f"{errno.errorcode.get(code, f'errno {code}')} ({os.strerror(code)})"
 
 
-def _pread(fd: int, arena: Arena, buf_off: int, n: int, file_off: int) -> int:
+def _pread(fd: int, arena: Arena, iov, file_off: int) -> int:
     """os.preadv into arena memory; bytes read, or -errno (the reader retries, not the thread)."""
-    with arena.buf as whole, whole[buf_off : buf_off + n] as view:
+    with arena.buf as whole:
+        views = [whole[at : at + n] for at, n in iov]
         try:
-            return os.preadv(fd, [view], file_off)
+            return os.preadv(fd, views, file_off)
         except OSError as e:
             return -(e.errno or errno.EIO)
+        finally:
+            for view in views:
+                view.release()
 
 
 class Threads:
@@ -48,8 +54,8 @@ class Threads:
         self._futs: dict[Any, int] = {}
         self.event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
-    def start(self, op: int, arena: Arena, buf_off: int, n: int, file_off: int) -> None:
-        fut = self._pool.submit(_pread, self._fd, arena, buf_off, n, file_off)
+    def start(self, op: int, arena: Arena, iov, file_off: int) -> None:
+        fut = self._pool.submit(_pread, self._fd, arena, iov, file_off)
         self._futs[fut] = op
         fut.add_done_callback(self._signal)
 
@@ -72,11 +78,13 @@ class Threads:
 
 
 class Uring:
-    """io_uring engine: one READ per chunk straight into arena memory.
+    """io_uring engine: one READ per chunk straight into arena memory, or one READV for a
+    coalesced read.
 
     The binding takes the destination as a buffer and holds it only for the call that
-    prepares the request (it keeps the address in the SQE), so the arena's mmap is never
-    pinned; the reader keeps the arena open until every started read is reaped.
+    prepares the request (it keeps the address in the SQE; an `iovec` keeps addresses too),
+    so the arena's mmap is never pinned; the reader keeps the arena open until every started
+    read is reaped, and each READV's iovec lives until then.
     """
 
     def __init__(self, fd: int, depth: int) -> None:
@@ -91,11 +99,21 @@ class Uring:
         self.event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         liburing.io_uring_register_eventfd(self._ring, self.event_fd)
         self._cqe = liburing.io_uring_cqe()
+        self._iovecs: dict[int, Any] = {}
 
-    def start(self, op: int, arena: Arena, buf_off: int, n: int, file_off: int) -> None:
+    def start(self, op: int, arena: Arena, iov, file_off: int) -> None:
         sqe = liburing.io_uring_get_sqe(self._ring)
-        with arena.buf as whole, whole[buf_off : buf_off + n] as view:
-            liburing.io_uring_prep_read(sqe, self._fd, view, n, file_off)
+        with arena.buf as whole:
+            views = [whole[at : at + n] for at, n in iov]
+            try:
+                if len(views) == 1:
+                    liburing.io_uring_prep_read(sqe, self._fd, views[0], len(views[0]), file_off)
+                else:
+                    vec = self._iovecs[op] = liburing.iovec(views)
+                    liburing.io_uring_prep_readv(sqe, self._fd, vec, file_off)
+            finally:
+                for view in views:
+                    view.release()
         liburing.io_uring_sqe_set_data64(sqe, op)
 
     def flush(self) -> None:
@@ -115,6 +133,7 @@ class Uring:
         done = []
         while liburing.io_uring_peek_cqe(self._ring, self._cqe) == 0:
             done.append((self._cqe.user_data, self._cqe.res))
+            self._iovecs.pop(self._cqe.user_data, None)
             liburing.io_uring_cqe_seen(self._ring, self._cqe)
         return done
 

@@ -1,8 +1,14 @@
 """Read expert weights from a model file into arena slots, many reads in flight.
 
-Backends: "uring" (io_uring READV on an O_DIRECT fd), "preadv" (os.preadv on an O_DIRECT fd from a
-pool of `queue_depth` threads) and "buffered" (the same on a plain fd, through the page cache).
-"auto" takes the first that works for the file and logs the choice once.
+Backends: "uring" (io_uring READ/READV on an O_DIRECT fd), "preadv" (os.preadv on an O_DIRECT
+fd from a pool of `queue_depth` threads) and "buffered" (the same on a plain fd, through the
+page cache). "auto" takes the first that works for the file and logs the choice once.
+
+Coalescing: requests submitted together whose byte ranges follow each other in the file (a
+store lays a layer's experts end to end) become one vectored read scattering into their
+slots — one request to the disk instead of several, which matters when experts are a few MB
+and a token needs hundreds of them. Each request is still verified on its own and reported on
+its own; a merged read that fails is retried as separate reads.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from mer.io.engines import Threads, Uring, errno_text
 logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "uring", "preadv", "buffered")
 _LOGGED: set[tuple[str, str]] = set()
+_MAX_IOV = 64  # requests in one coalesced read
 
 
 class ExpertReadError(MerError):
@@ -63,19 +70,25 @@ class ReadResult:
 
 @dataclass(slots=True)
 class ReaderStats:
-    """Counters since the reader opened; `attempts` counts every issue of a request."""
+    """Counters since the reader opened; `attempts` counts every issue of a request;
+    `merged` the requests read by another's read (coalescing); `reads` the reads issued."""
 
     requests: int = 0
     attempts: int = 0
     retries: int = 0
     failures: int = 0
     bytes_read: int = 0
+    merged: int = 0
+    reads: int = 0
+
+
+Iov = tuple[tuple[int, int], ...]  # (offset in arena.buf, bytes) per destination
 
 
 @dataclass(slots=True, eq=False)
 class _Job:
-    req: ReadRequest
-    chunks: list[tuple[int, int, int, int]]  # (offset in arena.buf, bytes, file offset, needed)
+    reqs: list[ReadRequest]  # one, or several file-adjacent ones read together
+    chunks: list[tuple[Iov, int, int]]  # (destinations, file offset, bytes needed)
     attempt: int = 1
     next: int = 0
     outstanding: int = 0
@@ -107,6 +120,7 @@ class ExpertReader:
         backend: str = "auto",
         verify: bool = True,
         chunk_bytes: int = 16 << 20,
+        coalesce: bool = True,
     ) -> None:
         if backend not in BACKENDS:
             raise MerError(f"reader backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -115,6 +129,7 @@ class ExpertReader:
         self.path = os.fspath(path)
         self.queue_depth = queue_depth
         self.verify = verify
+        self.coalesce = coalesce
         self.stats = ReaderStats()
         self._chunk = chunk_bytes
         self._pending: deque[_Job] = deque()
@@ -180,7 +195,7 @@ class ExpertReader:
         try:
             with Arena(2 * ALIGN, ALIGN) as scratch, mmap.mmap(-1, ALIGN) as page:
                 n = os.preadv(self._fd, [page], 0)
-                self._engine.start(0, scratch, 0, ALIGN, 0)
+                self._engine.start(0, scratch, ((0, ALIGN),), 0)
                 self._engine.flush()
                 [(_, res)] = self._engine.reap(True)
                 with scratch.slot_view(0) as got:
@@ -203,37 +218,78 @@ class ExpertReader:
         return bool(self._ops or self._pending)
 
     def submit(self, requests: Iterable[ReadRequest | tuple]) -> None:
-        """Queue requests (offset, length, arena, slot, expected, tag, into); I/O starts now."""
-        jobs = [self._job(ReadRequest(*r)) for r in requests]  # validate all before queueing any
-        self._pending.extend(jobs)
-        self.stats.requests += len(jobs)
+        """Queue requests (offset, length, arena, slot, expected, tag, into); I/O starts now.
+        File-adjacent requests among them are read together (module docstring)."""
+        reqs = [ReadRequest(*r) for r in requests]
+        for r in reqs:  # validate all before queueing any
+            self._check(r)
+        groups = self._groups(reqs) if self.coalesce and len(reqs) > 1 else [[r] for r in reqs]
+        self._pending.extend(self._job(group) for group in groups)
+        self.stats.requests += len(reqs)
+        self.stats.merged += len(reqs) - len(groups)
         self._pump()
 
-    def _job(self, r: ReadRequest) -> _Job:
+    def _span(self, r: ReadRequest) -> int:
+        """Bytes the read of `r` moves (whole pages under O_DIRECT)."""
+        return round_up(r.length) if self.direct else r.length
+
+    def _check(self, r: ReadRequest) -> None:
         if r.length <= 0 or r.offset < 0:
             raise self._error(r.offset, r.length, "need a positive length and offset >= 0")
         if self.direct and (r.offset % ALIGN or r.into % ALIGN):
             raise self._error(r.offset, r.length, f"offset not {ALIGN}-aligned, O_DIRECT needs it")
-        span = round_up(r.length) if self.direct else r.length
+        span = self._span(r)
         if not 0 <= r.slot < r.arena.n_slots or not 0 <= r.into <= r.arena.slot_size - span:
             raise self._error(r.offset, r.length, f"does not fit slot {r.slot} of the arena")
-        base, step = r.arena.slot_offset(r.slot) + r.into, self._chunk
+
+    def _groups(self, reqs: list[ReadRequest]) -> list[list[ReadRequest]]:
+        """`reqs` as runs that follow each other in the file, each run at most one chunk of
+        bytes and _MAX_IOV requests, in the order of each run's first request."""
+        order = sorted(range(len(reqs)), key=lambda i: reqs[i].offset)
+        runs: list[list[int]] = []
+        end = -1
+        for i in order:
+            r = reqs[i]
+            run = runs[-1] if runs else None
+            if (
+                run is not None
+                and r.offset == end
+                and r.arena is reqs[run[0]].arena
+                and len(run) < _MAX_IOV
+                and end + self._span(r) - reqs[run[0]].offset <= self._chunk
+            ):
+                run.append(i)
+            else:
+                runs.append([i])
+            end = r.offset + self._span(r)
+        runs.sort(key=min)
+        return [[reqs[i] for i in run] for run in runs]
+
+    def _job(self, reqs: list[ReadRequest]) -> _Job:
+        if len(reqs) > 1:  # one vectored read, one destination per request
+            iov = tuple((r.arena.slot_offset(r.slot) + r.into, self._span(r)) for r in reqs)
+            need = sum(self._span(r) for r in reqs[:-1]) + reqs[-1].length
+            return _Job(reqs, [(iov, reqs[0].offset, need)])
+        (r,) = reqs
+        span, step = self._span(r), self._chunk
+        base = r.arena.slot_offset(r.slot) + r.into
         chunks = [
-            (base + p, min(step, span - p), r.offset + p, max(0, min(step, r.length - p)))
+            (((base + p, min(step, span - p)),), r.offset + p, max(0, min(step, r.length - p)))
             for p in range(0, span, step)
         ]
-        return _Job(r, chunks)
+        return _Job(reqs, chunks)
 
     def _pump(self) -> None:
         issued = False
         while self._pending and len(self._ops) < self.queue_depth and not self._closed:
             job = self._pending[0]
             if job.next == 0:
-                self.stats.attempts += 1
-            buf_off, n, file_off, need = job.chunks[job.next]
+                self.stats.attempts += len(job.reqs)
+            iov, file_off, need = job.chunks[job.next]
             op, self._next_op = self._next_op, self._next_op + 1
             self._ops[op] = (job, need)
-            self._engine.start(op, job.req.arena, buf_off, n, file_off)
+            self.stats.reads += 1
+            self._engine.start(op, job.reqs[0].arena, iov, file_off)
             job.next += 1
             job.outstanding += 1
             issued = True
@@ -267,22 +323,27 @@ class ExpertReader:
         self._pump()
 
     def _finish(self, job: _Job) -> None:
-        r = job.req
         if job.cause is None and job.short:
-            job.cause = _short(job.got, r.length)
-        if job.cause is None:
-            with r.arena.slot_view(r.slot) as view, view[r.into : r.into + r.length] as data:
-                job.cause = self._mismatch(data, r.expected)
-        if job.cause is not None and job.attempt == 1 and not self._closed:
+            job.cause = _short(job.got, sum(r.length for r in job.reqs))
+        retry = []
+        for r in job.reqs:
+            cause = job.cause
+            if cause is None:
+                with r.arena.slot_view(r.slot) as view, view[r.into : r.into + r.length] as data:
+                    cause = self._mismatch(data, r.expected)
+            if cause is not None and job.attempt == 1 and not self._closed:
+                retry.append(r)  # alone: a merged read that failed is retried request by request
+                continue
+            err = None
+            if cause is not None:
+                self.stats.failures += 1
+                err = self._error(r.offset, r.length, f"{cause}, after {job.attempt} attempts")
+            self._results.append(ReadResult(r.tag, r.slot, r.offset, r.length, job.attempt, err))
+        for r in reversed(retry):  # retries go first: someone is waiting on these slots
             self.stats.retries += 1
-            job.attempt, job.next, job.got, job.short, job.cause = 2, 0, 0, False, None
-            self._pending.appendleft(job)  # retries go first: someone is waiting on this slot
-            return
-        err = None
-        if job.cause is not None:
-            self.stats.failures += 1
-            err = self._error(r.offset, r.length, f"{job.cause}, after {job.attempt} attempts")
-        self._results.append(ReadResult(r.tag, r.slot, r.offset, r.length, job.attempt, err))
+            again = self._job([r])
+            again.attempt = 2
+            self._pending.appendleft(again)
 
     def read_many(
         self, requests: Iterable[ReadRequest | tuple], *, check: bool = True

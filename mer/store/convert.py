@@ -114,13 +114,17 @@ def convert(
     quant: str | None = None,
     force: bool = False,
     progress: bool = False,
+    trace: str | os.PathLike[str] | None = None,
 ) -> dict:
     """Write the store for model `src` into directory `dst`; returns its manifest.
 
     quant: "q8_0" or "q4_0" re-quantizes every expert matrix that is not already of that type.
     force: replace an existing store (or what an interrupted conversion left) at `dst`.
-    progress: show a progress bar on stderr. The store is written beside `dst` and swapped in
-    complete (`mer.store.staging`): an interrupted conversion leaves `dst` as it was.
+    progress: show a progress bar on stderr. trace: a routing trace of this model (`mer
+    trace record`): each layer's experts are laid out so that experts used together lie
+    together (`mer.cache.trace.co_use_order`), else in id order. The store is written
+    beside `dst` and swapped in complete (`mer.store.staging`): an interrupted conversion
+    leaves `dst` as it was.
     """
     src, dst = Path(src), Path(dst)
     if quant is not None and quant not in QUANT_KINDS:
@@ -129,6 +133,7 @@ def convert(
         raise ModelFormatError(f"{src}: already a mer store")
     _check_destination(dst, force)
     args, weights, tokenizer, _ = open_model_files(src, stream=True)
+    orders = None if trace is None else _layout_orders(Path(trace), args)
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging.sweep(dst)
     work = staging.staging_dir(dst)
@@ -136,7 +141,7 @@ def convert(
     try:
         (work / fmt.CONVERTING).write_text(f"converting {src.name} into {dst.name}\n")
         try:
-            manifest = _write_store(src, work, args, weights, tokenizer, quant, progress)
+            manifest = _write_store(src, work, args, weights, tokenizer, quant, progress, orders)
         except OSError as err:
             raise MerError(f"cannot write the store {dst}: {os_error_text(err)}") from None
         (work / fmt.CONVERTING).unlink()
@@ -145,6 +150,20 @@ def convert(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def _layout_orders(path: Path, args: ModelArgs) -> list[list[int]]:
+    """Each layer's expert order from the routing trace in `path`, which must be this
+    model's."""
+    from mer.cache.trace import RoutingTrace, co_use_order
+
+    trace = RoutingTrace.load(path)
+    if (trace.n_layers, trace.n_experts) != (args.n_layers, args.n_experts):
+        raise MerError(
+            f"{path}: a trace of {trace.n_layers} layers x {trace.n_experts} experts, "
+            f"the model has {args.n_layers} x {args.n_experts}"
+        )
+    return [[] if args.is_dense_layer(i) else co_use_order(trace, i) for i in range(args.n_layers)]
 
 
 def _check_destination(dst: Path, force: bool) -> None:
@@ -182,13 +201,15 @@ def _write_store(
     tokenizer: Tokenizer | None,
     quant: str | None,
     progress: bool,
+    orders: list[list[int]] | None = None,
 ) -> dict:
-    """Write a complete store into the (empty) directory `dst`; the manifest last."""
+    """Write a complete store into the (empty) directory `dst`; the manifest last. Each
+    layer's experts are written in `orders[layer]` (default: by id)."""
     source = _Bytes()
     specs = [
-        (i, e, spec)
+        (i, e, layer.experts[e])
         for i, layer in enumerate(weights.layers)
-        for e, spec in enumerate(layer.experts)
+        for e in (orders[i] if orders else range(len(layer.experts)))
     ]
     total = sum(m.nbytes for _, _, spec in specs for m in spec)
     entries, layouts = [], []
@@ -234,6 +255,7 @@ def _write_store(
         "version": fmt.VERSION,
         "source": src.name,
         "quant": quant,
+        "layout": "co-use" if orders else "id",
         "config": fmt.args_to_json(args),
         "experts": {
             "file": fmt.EXPERTS_FILE,

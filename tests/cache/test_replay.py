@@ -92,3 +92,32 @@ def test_trace_files_round_trip_with_gates(small_trace, tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(Exception, match="gates"):
         RoutingTrace.load(path)
+
+
+def test_convert_lays_experts_out_by_a_recorded_trace(tmp_path):
+    """`mer trace record` on a model streamed through a small cache, then `mer convert
+    --trace`: the store says its layout; a trace that is not one is a one-line error."""
+    import json
+
+    from tests.support.cli import run_mer
+
+    model, out = tmp_path / "m.gguf", tmp_path / "trace.json"
+    assert (
+        run_mer("synth", str(model), "--shape", "tiny", "--histogram-tokens", "0").returncode == 0
+    )
+    proc = run_mer(
+        "trace", "record", "--model", str(model), "--prompt", "The river ran",
+        "--max-tokens", "24", "--cache-bytes", "1M", "--out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert len(RoutingTrace.load(out).steps) >= 24
+    proc = run_mer("convert", str(model), str(tmp_path / "store"), "--trace", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "store" / "manifest.json").read_text())["layout"] == "co-use"
+    (tmp_path / "bad.json").write_text("{}")
+    proc = run_mer(
+        "convert", str(model), str(tmp_path / "s2"), "--trace", str(tmp_path / "bad.json")
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "not a routing trace" in proc.stderr
+    assert not (tmp_path / "s2").exists()

@@ -349,7 +349,7 @@ def test_uring_errno_is_reported_and_retried(big, arena, monkeypatch) -> None:
     path, data = big
     with ExpertReader(path, backend="uring") as r:
         # An unaligned buffer under O_DIRECT: the kernel answers EINVAL in the CQE.
-        r._engine.start(99, arena, 1, ALIGN, 0)
+        r._engine.start(99, arena, ((1, ALIGN),), 0)
         r._engine.flush()
         assert r._engine.reap(True) == [(99, -errno.EINVAL)]
         real, hits = r._engine.reap, []
@@ -389,3 +389,57 @@ def test_segments_land_inside_one_slot(backend: str, big, arena: Arena) -> None:
         if r.direct:
             with pytest.raises(ExpertReadError, match="aligned"):
                 r.submit([reader_mod.ReadRequest(0, ALIGN, arena, 1, None, "x", 100)])
+
+
+def adjacent(data: bytes, arena: Arena, start: int, lengths: list[int], slots: list[int], direct):
+    """Requests for consecutive ranges from `start` (each padded to whole pages under
+    O_DIRECT, as a store pads its experts), into `slots`."""
+    reqs, off = [], start
+    for i, (n, slot) in enumerate(zip(lengths, slots, strict=True)):
+        reqs.append((off, n, arena, slot, h(data[off : off + n]), ("e", i)))
+        off += -(-n // ALIGN) * ALIGN if direct else n
+    return reqs
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:3])
+@pytest.mark.parametrize("coalesce", [True, False])
+def test_adjacent_requests_are_read_together(backend, coalesce, big, arena) -> None:
+    """A layer's misses lying end to end in the file: one vectored read scattering into
+    their slots (any order, not adjacent), each request verified and reported on its own."""
+    path, data = big
+    lengths = [3 * MiB + 5, 4096, 2 * MiB, 777, MiB]
+    slots = [7, 2, 11, 0, 5]
+    with ExpertReader(path, backend=backend, coalesce=coalesce) as r:
+        reqs = adjacent(data, arena, 2 * MiB, lengths, slots, r.direct)
+        far = (20 * MiB, 4096, arena, 3, h(data[20 * MiB : 20 * MiB + 4096]), ("far",))
+        results = r.read_many(list(reversed(reqs)) + [far])
+        assert r.stats.requests == 6 and r.stats.merged == (4 if coalesce else 0)
+        assert r.stats.reads == (2 if coalesce else 6)
+    assert sorted(res.tag for res in results) == sorted(q[5] for q in [*reqs, far])
+    for q in [*reqs, far]:
+        off, n, _, slot, _, _ = q
+        assert slot_bytes(arena, slot, n) == data[off : off + n]
+    assert all(res.ok and res.attempts == 1 for res in results)
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:3])
+def test_a_bad_member_of_a_merged_read_is_retried_alone(backend, big, arena) -> None:
+    """One request of a merged read fails its checksum: it alone is retried and fails;
+    the others are done on the first attempt. A merged read that runs past the end of the
+    file is retried request by request: those inside the file succeed."""
+    path, data = big
+    with ExpertReader(path, backend=backend) as r:
+        reqs = adjacent(data, arena, 0, [MiB, MiB, MiB], [1, 2, 3], r.direct)
+        bad = (*reqs[1][:4], reqs[1][4] ^ 1, reqs[1][5])
+        results = {res.tag: res for res in r.read_many([reqs[0], bad, reqs[2]], check=False)}
+        assert [results[q[5]].attempts for q in reqs] == [1, 2, 1]
+        assert results[reqs[0][5]].ok and results[reqs[2][5]].ok
+        assert "checksum mismatch" in str(results[reqs[1][5]].error)
+        assert r.stats.retries == 1 and r.stats.failures == 1
+        end = len(data) - len(data) % ALIGN  # the last whole page boundary
+        tail = adjacent(data, arena, end - 2 * ALIGN, [ALIGN, ALIGN, ALIGN], [4, 5, 6], True)
+        tail[2] = (end, 3 * ALIGN, arena, 6, None, ("e", 2))  # runs past the end
+        results = {res.tag: res for res in r.read_many(tail, check=False)}
+    assert results[("e", 0)].ok and results[("e", 1)].ok
+    assert not results[("e", 2)].ok and "short read" in str(results[("e", 2)].error)
+    assert results[("e", 0)].attempts == 2 and results[("e", 2)].attempts == 2
