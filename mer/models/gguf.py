@@ -1,12 +1,12 @@
-"""Load a GGUF file (architectures llama, mixtral, qwen3moe, olmoe, deepseek2) into
+"""Load a GGUF file (architectures llama, mixtral, qwen2moe, qwen3moe, olmoe, deepseek2) into
 kernel-ready weights and a tokenizer.
 
 For llama and mixtral, llama.cpp's converter permutes the rows of the Q and K projections so
 that RoPE rotates adjacent pairs; mer keeps the file's rows and rotates adjacent pairs too
-(dot products between queries and keys are the same either way). qwen3moe and olmoe keep
-Hugging Face's rows and rotate halves (llama.cpp's NEOX rope). What llama.cpp fixes per
-architecture rather than recording in the file, mer fixes the same way: qwen3moe
-renormalises its top-k routing weights, olmoe does not.
+(dot products between queries and keys are the same either way). qwen2moe, qwen3moe and
+olmoe keep Hugging Face's rows and rotate halves (llama.cpp's NEOX rope). What llama.cpp
+fixes per architecture rather than recording in the file, mer fixes the same way: qwen3moe
+renormalises its top-k routing weights, qwen2moe and olmoe do not.
 
 deepseek2 (DeepSeek-V2, -V3, R1) records its routing in the file (gating function, groups,
 renormalisation, scale) and keeps kv_b_proj split per head (attn_k_b transposed, attn_v_b), as
@@ -38,9 +38,10 @@ from mer.models.weights import (
 )
 from mer.tokenizer import Tokenizer
 
-ARCHITECTURES = ("llama", "mixtral", "qwen3moe", "olmoe", "deepseek2")
+ARCHITECTURES = ("llama", "mixtral", "qwen2moe", "qwen3moe", "olmoe", "deepseek2")
 _QK_NORM = {"qwen3moe": "head", "olmoe": "full"}  # RMSNorm of queries and keys before RoPE
-_NORM_TOPK = {"olmoe": False}  # renormalise the top-k routing weights (llama.cpp's norm_w)
+# renormalise the top-k routing weights (llama.cpp's norm_w)
+_NORM_TOPK = {"olmoe": False, "qwen2moe": False}
 FLOAT_KINDS = ("f32", "f16", "bf16")
 
 
@@ -124,7 +125,8 @@ def _read_args(gg: GGUFFile, arch: str) -> ModelArgs:
         freq_factors=factors,
     )
     n_experts = int(m("expert_count", 1) or 1)
-    ffn = m("expert_feed_forward_length", None) if arch in ("qwen3moe", "deepseek2") else None
+    moe_ffn = ("qwen2moe", "qwen3moe", "deepseek2")
+    ffn = m("expert_feed_forward_length", None) if arch in moe_ffn else None
     kind = arch
     if arch in ("llama", "mixtral"):  # llama.cpp writes Mixtral as "llama" with experts
         kind = "mixtral" if n_experts > 1 else "llama"
@@ -148,6 +150,12 @@ def _read_args(gg: GGUFFile, arch: str) -> ModelArgs:
     )
     if arch == "deepseek2":
         fields.update(_deepseek2(gg, m, rope, head_dim))
+    if arch == "qwen2moe":  # a gated shared expert, biases on q, k and v
+        fields.update(
+            shared_ffn_dim=int(m("expert_shared_feed_forward_length")),
+            shared_gate=True,
+            qkv_bias=gg.has("blk.0.attn_q.bias"),
+        )
     return ModelArgs(**fields)
 
 
@@ -245,7 +253,21 @@ class _Loader:
             full = a.qk_norm == "full"
             q_norm = self.vector(p + "attn_q_norm.weight", q_dim if full else a.head_dim)
             k_norm = self.vector(p + "attn_k_norm.weight", kv_dim if full else a.head_dim)
+        bq = bk = bv = shared = shared_gate = None
+        if a.qkv_bias:
+            bq = self.vector(p + "attn_q.bias", q_dim)
+            bk = self.vector(p + "attn_k.bias", kv_dim)
+            bv = self.vector(p + "attn_v.bias", kv_dim)
+        if a.shared_ffn_dim:
+            shared = self.resident_ffn(p, "_shexp", a.shared_ffn_dim)
+            raw, kind = self.gg.tensor(p + "ffn_gate_inp_shexp.weight", (1, a.dim))
+            shared_gate = np.ascontiguousarray(dequantize(self.pack(raw, kind, 1, a.dim))[0])
         return LayerWeights(
+            bq=bq,
+            bk=bk,
+            bv=bv,
+            shared=shared,
+            shared_gate=shared_gate,
             q_norm=q_norm,
             k_norm=k_norm,
             attn_norm=self.vector(p + "attn_norm.weight", a.dim),

@@ -67,3 +67,27 @@ def test_streams_from_the_gguf_file(gguf_moe, arch):
     )  # fmt: skip
     with mer.load_model(paths["q4_k_m"], cache_bytes=experts // 4) as streamed:
         np.testing.assert_array_equal(streamed.logits(ids), resident.logits(ids))
+
+
+def test_qwen2moe_file_agrees_with_transformers_and_llamacpp(tmp_path, request):
+    """A Qwen2-MoE model (gated shared expert, q/k/v biases) through llama.cpp's converter:
+    mer reads the F16 file as transformers computes it and as llama.cpp does."""
+    from pathlib import Path
+
+    from tests.support.hf_models import build_model, save_model
+    from tests.support.tokenizers import write_smollm2_tokenizer
+
+    hf_dir = tmp_path / "hf"
+    vocab = write_smollm2_tokenizer(hf_dir)
+    hf = build_model("qwen2moe-base", vocab_size=vocab, init_std=0.05)
+    save_model(hf, hf_dir, "f16")
+    cache = Path(request.config.cache.mkdir("llama-cpp-src"))
+    [path] = llamacpp.gguf_files(hf_dir, tmp_path, cache, ["f16"]).values()
+    model = mer.load_model(path)
+    assert model.args.arch == "qwen2moe" and model.weights.layers[0].shared_gate is not None
+    llm = llamacpp.load(path, n_ctx=256)
+    for ids in prompts(model)[:3]:
+        got = model.logits(ids)
+        assert rel_err(got, hf_logits(hf, ids)) <= 1e-3
+        top1, kl = llamacpp.agreement(got, llamacpp.logits(llm, ids))
+        assert top1 >= 0.97 and kl <= 1e-3, (top1, kl)
