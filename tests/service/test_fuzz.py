@@ -13,7 +13,7 @@ from pathlib import Path
 from tests.service.conftest import Service
 
 KEY = "sk-fuzz-000000000"
-MAX_TIME_S = int(os.environ.get("MER_FUZZ_SECONDS", "120"))
+MAX_TIME_S = int(os.environ.get("MER_FUZZ_SECONDS", "80"))
 
 
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path):
