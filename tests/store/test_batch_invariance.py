@@ -76,3 +76,13 @@ def test_bundled_model():
     if path is None:
         pytest.skip("the bundled model is not installed")
     assert_invariant(mer.load_model(path))
+
+
+@pytest.mark.parametrize("name", ["deepseek3-base", "qwen2moe-base"])
+def test_newer_architectures(name, tmp_path):
+    """DeepSeek-V3 (latent attention, its per-head products; group-limited sigmoid routing;
+    shared experts) and Qwen2-MoE (a gated shared expert, projection biases)."""
+    from tests.support.hf_models import build_model, save_model
+
+    path = save_model(build_model(name, n_layers=2, seed=6), tmp_path / name, "f32")
+    assert_invariant(mer.load_model(path))
