@@ -57,7 +57,9 @@ def test_f16_file_agrees_with_transformers(gguf_moe, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_streams_from_the_gguf_file(gguf_moe, arch):
+def test_streams_from_the_gguf_file(gguf_moe, arch, tmp_path):
+    """Streamed at a quarter of the experts, straight from the file and (DeepSeek: dense first
+    layer and shared expert kept with the dense weights) from a store made of it."""
     _, paths = gguf_moe(arch)
     resident = mer.load_model(paths["q4_k_m"])
     ids = prompts(resident)[0]
@@ -67,6 +69,12 @@ def test_streams_from_the_gguf_file(gguf_moe, arch):
     )  # fmt: skip
     with mer.load_model(paths["q4_k_m"], cache_bytes=experts // 4) as streamed:
         np.testing.assert_array_equal(streamed.logits(ids), resident.logits(ids))
+    if arch == "deepseek2":
+        from mer.store.convert import convert
+
+        convert(paths["q4_k_m"], tmp_path / "store")
+        with mer.load_model(tmp_path / "store", cache_bytes=experts // 4) as streamed:
+            np.testing.assert_array_equal(streamed.logits(ids), resident.logits(ids))
 
 
 def test_qwen2moe_file_agrees_with_transformers_and_llamacpp(tmp_path, request):
