@@ -185,29 +185,18 @@ def disk_configs(p: Plan, gguf: Path, store: Path, ids: list[int]) -> list[Confi
                 **capped,
             )
         )
+    main = {**spec, "kind": "mer", "model": str(store), "cache_bytes": p.main_budget}
     configs += [
         Config(
             f"mer store, {size_text(p.main_budget)} cache, no read-ahead",
             engine="mer",
-            spec={
-                **spec,
-                "kind": "mer",
-                "model": str(store),
-                "cache_bytes": p.main_budget,
-                "prefetch": False,
-            },
+            spec={**main, "prefetch": False},
             **capped,
         ),
         Config(
             f"mer store, {size_text(p.main_budget)} cache, reads not merged",
             engine="mer",
-            spec={
-                **spec,
-                "kind": "mer",
-                "model": str(store),
-                "cache_bytes": p.main_budget,
-                "coalesce": False,
-            },
+            spec={**main, "coalesce": False},
             **capped,
         ),
         Config(

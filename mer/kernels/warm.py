@@ -34,17 +34,13 @@ def _signature(w: PackedWeight) -> tuple:
     return w.kind, flags
 
 
-def _parts(e: ExpertWeights) -> tuple[PackedWeight, PackedWeight, PackedWeight]:
-    return e.gate, e.up, e.down
-
-
 def _matrices(weights: ModelWeights, experts: Iterable[ExpertWeights]) -> list[PackedWeight]:
     mats = [weights.lm_head]
     for layer in weights.layers:
         mats += layer.matrices()
-        mats += [m for e in layer.experts if isinstance(e, ExpertWeights) for m in _parts(e)]
-        mats += list(_parts(layer.shared)) if layer.shared is not None else []
-    mats += [m for e in experts for m in _parts(e)]
+        mats += [m for e in layer.experts if isinstance(e, ExpertWeights) for m in e.parts]
+        mats += list(layer.shared.parts) if layer.shared is not None else []
+    mats += [m for e in experts for m in e.parts]
     return mats
 
 

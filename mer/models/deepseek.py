@@ -24,7 +24,7 @@ from typing import Any
 from mer.errors import ModelFormatError
 from mer.io.safetensors import SafetensorsDir
 from mer.models.args import ModelArgs, args_from_hf, naming, yarn_mscale
-from mer.models.llama import Triple
+from mer.models.llama import Triple, swiglu_tensors
 from mer.models.mixtral import ffn_tensors as routed_tensors
 
 __all__ = ["V2", "V3", "ffn_tensors", "shared_tensors"]
@@ -116,18 +116,13 @@ def ffn_tensors(
 def shared_tensors(src: SafetensorsDir, args: ModelArgs, layer: int) -> Triple | None:
     """The FFN every token of `layer` goes through: the dense FFN of a first layer, or the
     shared experts of an MoE layer."""
-    d = args.dim
     if args.is_dense_layer(layer):
         p, width = f"model.layers.{layer}.mlp.", args.dense_ffn_dim
     elif args.shared_ffn_dim:
         p, width = f"model.layers.{layer}.mlp.shared_experts.", args.shared_ffn_dim
     else:
         return None
-    return (
-        src.get(p + "gate_proj.weight", (width, d)),
-        src.get(p + "up_proj.weight", (width, d)),
-        src.get(p + "down_proj.weight", (d, width)),
-    )
+    return swiglu_tensors(src, p, width, args.dim)
 
 
 # the hooks mer.models.hf looks up for each architecture

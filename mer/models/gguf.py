@@ -244,10 +244,7 @@ class _Loader:
         a = self.args
         p = f"blk.{i}."
         q_dim, kv_dim = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-        router = None
-        if a.is_moe:
-            raw, kind = self.gg.tensor(p + "ffn_gate_inp.weight", (a.n_experts, a.dim))
-            router = np.ascontiguousarray(dequantize(self.pack(raw, kind, a.n_experts, a.dim)))
+        router = self.router(p) if a.is_moe else None
         q_norm = k_norm = None
         if a.qk_norm is not None:
             full = a.qk_norm == "full"

@@ -17,15 +17,18 @@ def args_from_config(config: dict[str, Any], source: str) -> ModelArgs:
     return args_from_hf(cfg, "llama", source)
 
 
+def swiglu_tensors(src: SafetensorsDir, prefix: str, width: int, dim: int) -> Triple:
+    """The (gate, up, down) raw tensors and kinds of the SwiGLU FFN at `prefix`
+    (`gate_proj`, `up_proj`, `down_proj`), `width` wide."""
+    return (
+        src.get(prefix + "gate_proj.weight", (width, dim)),
+        src.get(prefix + "up_proj.weight", (width, dim)),
+        src.get(prefix + "down_proj.weight", (dim, width)),
+    )
+
+
 def ffn_tensors(
     src: SafetensorsDir, args: ModelArgs, layer: int
 ) -> tuple[str | None, list[Triple]]:
     """No router; one (gate, up, down) triple of raw tensors and their kinds."""
-    p = f"model.layers.{layer}.mlp."
-    d, i = args.dim, args.ffn_dim
-    triple = (
-        src.get(p + "gate_proj.weight", (i, d)),
-        src.get(p + "up_proj.weight", (i, d)),
-        src.get(p + "down_proj.weight", (d, i)),
-    )
-    return None, [triple]
+    return None, [swiglu_tensors(src, f"model.layers.{layer}.mlp.", args.ffn_dim, args.dim)]

@@ -13,7 +13,7 @@ from typing import Any
 
 from mer.io.safetensors import SafetensorsDir
 from mer.models.args import ModelArgs, args_from_hf
-from mer.models.llama import Triple
+from mer.models.llama import Triple, swiglu_tensors
 
 
 def args_from_config(config: dict[str, Any], source: str) -> ModelArgs:
@@ -35,14 +35,7 @@ def ffn_tensors(
         ]
         return stacked + "gate.weight", triples
     if src.has(stacked + "experts.0.gate_proj.weight"):  # Qwen-MoE and OLMoE as published
-        triples = [
-            (
-                src.get(f"{stacked}experts.{e}.gate_proj.weight", (i, d)),
-                src.get(f"{stacked}experts.{e}.up_proj.weight", (i, d)),
-                src.get(f"{stacked}experts.{e}.down_proj.weight", (d, i)),
-            )
-            for e in range(n)
-        ]
+        triples = [swiglu_tensors(src, f"{stacked}experts.{e}.", i, d) for e in range(n)]
         return stacked + "gate.weight", triples
     p = f"model.layers.{layer}.block_sparse_moe."
     triples = [

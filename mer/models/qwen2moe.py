@@ -13,7 +13,7 @@ from mer.errors import ModelFormatError
 from mer.io.safetensors import SafetensorsDir
 from mer.models import qwen3moe
 from mer.models.args import ModelArgs, naming
-from mer.models.llama import Triple
+from mer.models.llama import Triple, swiglu_tensors
 from mer.models.mixtral import ffn_tensors
 
 __all__ = ["args_from_config", "ffn_tensors", "shared_tensors"]
@@ -36,9 +36,5 @@ def args_from_config(config: dict[str, Any], source: str) -> ModelArgs:
 
 
 def shared_tensors(src: SafetensorsDir, args: ModelArgs, layer: int) -> Triple:
-    p, d, width = f"model.layers.{layer}.mlp.shared_expert.", args.dim, args.shared_ffn_dim
-    return (
-        src.get(p + "gate_proj.weight", (width, d)),
-        src.get(p + "up_proj.weight", (width, d)),
-        src.get(p + "down_proj.weight", (d, width)),
-    )
+    p = f"model.layers.{layer}.mlp.shared_expert."
+    return swiglu_tensors(src, p, args.shared_ffn_dim, args.dim)

@@ -65,15 +65,16 @@ class KVCache:
         capacity = min(a.max_seq_len, max(needed, 2 * self.capacity))
         if self.shared_values:
             shape = (capacity, 1, a.kv_lora_rank + a.head_dim)
-            grown_k = [np.zeros(shape, np.float32) for _ in range(a.n_layers)]
-            grown_v = [k[:, :, : a.kv_lora_rank] for k in grown_k]
         else:
             shape = (capacity, a.n_kv_heads, a.head_dim)
-            grown_k = [np.zeros(shape, np.float32) for _ in range(a.n_layers)]
+        grown_k = [np.zeros(shape, np.float32) for _ in range(a.n_layers)]
+        if self.shared_values:  # the values are views of the keys, copied with them
+            grown_v = [k[:, :, : a.kv_lora_rank] for k in grown_k]
+            pairs = zip(self.k, grown_k, strict=False)  # empty at first
+        else:
             grown_v = [np.zeros(shape, np.float32) for _ in range(a.n_layers)]
-        old_v = [] if self.shared_values else self.v
-        new_v = [] if self.shared_values else grown_v
-        for old, new in zip(self.k + old_v, grown_k + new_v, strict=False):  # empty at first
+            pairs = zip(self.k + self.v, grown_k + grown_v, strict=False)
+        for old, new in pairs:
             new[: self.length] = old[: self.length]
         self.k, self.v, self.capacity = grown_k, grown_v, capacity
 

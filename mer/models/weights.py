@@ -21,8 +21,12 @@ class ExpertWeights:
     down: PackedWeight
 
     @property
+    def parts(self) -> tuple[PackedWeight, PackedWeight, PackedWeight]:
+        return self.gate, self.up, self.down
+
+    @property
     def gguf_nbytes(self) -> int:
-        return self.gate.gguf_nbytes + self.up.gguf_nbytes + self.down.gguf_nbytes
+        return sum(w.gguf_nbytes for w in self.parts)
 
 
 @dataclass(frozen=True)

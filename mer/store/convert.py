@@ -276,17 +276,13 @@ def _write_store(
 
 def _shared_quantized(weights: ModelWeights, quant: str | None) -> ModelWeights:
     """The weights with each layer's shared FFN quantized like the experts."""
-    layers = [
-        layer
-        if layer.shared is None
-        else replace(layer, shared=ExpertWeights(*(requantize(w, quant) for w in _parts(layer))))
-        for layer in weights.layers
-    ]
+    layers = []
+    for layer in weights.layers:
+        if layer.shared is not None:
+            shared = ExpertWeights(*(requantize(w, quant) for w in layer.shared.parts))
+            layer = replace(layer, shared=shared)
+        layers.append(layer)
     return replace(weights, layers=layers)
-
-
-def _parts(layer) -> tuple[PackedWeight, PackedWeight, PackedWeight]:
-    return layer.shared.gate, layer.shared.up, layer.shared.down
 
 
 def _write_dense(weights: ModelWeights, path: Path) -> dict:

@@ -43,6 +43,26 @@ def copy_dir(src: Path, dst: Path) -> Path:
     return dst
 
 
+def with_config(src: Path, dst: Path, change: dict) -> Path:
+    """A copy of model directory `src` whose config.json has `change` (None: key removed)."""
+    d = copy_dir(src, dst)
+    cfg = {**json.loads((d / "config.json").read_text()), **change}
+    (d / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+    return d
+
+
+def without_tensor(src: Path, dst: Path, name: str) -> Path:
+    """A copy of single-shard model directory `src` without tensor `name`."""
+    from safetensors.numpy import load_file, save_file
+
+    d = copy_dir(src, dst)
+    [shard] = d.glob("*.safetensors")
+    tensors = load_file(shard)
+    del tensors[name]
+    save_file(tensors, shard)
+    return d
+
+
 def test_missing_shard(good_dir, tmp_path):
     d = copy_dir(good_dir, tmp_path / "m")
     shard = sorted(d.glob("*.safetensors"))[1]
@@ -107,23 +127,14 @@ def qwen3_dir(tmp_path_factory) -> Path:
     ],
 )  # fmt: skip
 def test_unsupported_qwen3_settings(qwen3_dir, tmp_path, change, needles):
-    d = copy_dir(qwen3_dir, tmp_path / "m")
-    cfg = json.loads((d / "config.json").read_text())
-    cfg.update(change)
-    cfg = {k: v for k, v in cfg.items() if v is not None}
-    (d / "config.json").write_text(json.dumps(cfg))
+    d = with_config(qwen3_dir, tmp_path / "m", change)
     assert_one_line_error(run_generate(d), "config.json", *needles)
 
 
 def test_missing_qk_norm_is_named(qwen3_dir, tmp_path):
-    from safetensors.numpy import load_file, save_file
-
-    d = copy_dir(qwen3_dir, tmp_path / "m")
-    [shard] = d.glob("*.safetensors")
-    tensors = load_file(shard)
-    del tensors["model.layers.1.self_attn.k_norm.weight"]
-    save_file(tensors, shard)
-    assert_one_line_error(run_generate(d), "model.layers.1.self_attn.k_norm.weight", "missing")
+    name = "model.layers.1.self_attn.k_norm.weight"
+    d = without_tensor(qwen3_dir, tmp_path / "m", name)
+    assert_one_line_error(run_generate(d), name, "missing")
 
 
 @pytest.fixture(scope="module")
@@ -151,11 +162,7 @@ def deepseek_dir(tmp_path_factory) -> Path:
 )  # fmt: skip
 def test_unsupported_deepseek_settings(deepseek_dir, tmp_path, change, needles):
     """An unknown routing function or method, a bad group split, a missing key: one line."""
-    d = copy_dir(deepseek_dir, tmp_path / "m")
-    cfg = json.loads((d / "config.json").read_text())
-    cfg.update(change)
-    cfg = {k: v for k, v in cfg.items() if v is not None}
-    (d / "config.json").write_text(json.dumps(cfg))
+    d = with_config(deepseek_dir, tmp_path / "m", change)
     assert_one_line_error(run_generate(d), "config.json", *needles)
 
 
@@ -169,11 +176,5 @@ def test_unsupported_deepseek_settings(deepseek_dir, tmp_path, change, needles):
     ],
 )
 def test_missing_deepseek_tensor_is_named(deepseek_dir, tmp_path, name):
-    from safetensors.numpy import load_file, save_file
-
-    d = copy_dir(deepseek_dir, tmp_path / "m")
-    [shard] = d.glob("*.safetensors")
-    tensors = load_file(shard)
-    del tensors[name]
-    save_file(tensors, shard)
+    d = without_tensor(deepseek_dir, tmp_path / "m", name)
     assert_one_line_error(run_generate(d), name, "missing")

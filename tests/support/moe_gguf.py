@@ -44,26 +44,15 @@ CONFIGS["olmoe-gguf"] = dict(
 # DeepSeek-V3's shape (llama.cpp's deepseek2): latent attention with compressed queries, a
 # dense first layer, sigmoid routing with a bias in groups, a shared expert
 CONFIGS["deepseek2-gguf"] = dict(
-    arch="deepseek3",
+    CONFIGS["deepseek3-base"],  # its routing and FFN layout, at sizes K-quants take
     hidden_size=256,
     intermediate_size=512,
     moe_intermediate_size=256,
-    num_attention_heads=4,
-    num_key_value_heads=4,
     q_lora_rank=256,
     kv_lora_rank=256,
     qk_nope_head_dim=64,
     qk_rope_head_dim=32,
     v_head_dim=64,
-    n_routed_experts=8,
-    num_experts_per_tok=2,
-    n_group=4,
-    topk_group=2,
-    n_shared_experts=1,
-    first_k_dense_replace=1,
-    routed_scaling_factor=2.5,
-    norm_topk_prob=True,
-    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
 )
 # what released configs say and transformers does not write back (llama.cpp's converter
 # reads the gating function from it)
