@@ -31,7 +31,7 @@ from mer.compute.board import (
 )
 from mer.compute.weights import WeightTable
 from mer.kernels.matmul import PackedWeight, matmul, run_kernel
-from mer.kernels.swiglu import _silu_mul, expert_forward
+from mer.kernels.swiglu import activate, add_down_bias, run_expert
 from mer.models.weights import ExpertWeights
 
 HERE, BOARD = 1, 2  # where large work runs: the engine's own threads, or the compute workers
@@ -44,7 +44,7 @@ class LocalExecutor:
         return [matmul(w, x) for w, x in pairs]
 
     def expert(self, expert: ExpertWeights, x: np.ndarray, ref: tuple[int, int, int]) -> np.ndarray:
-        return expert_forward(expert.gate, expert.up, expert.down, x)
+        return run_expert(expert, x)
 
 
 def compute_stripe(board: Board, table: WeightTable, job: Job, s: int) -> None:
@@ -64,12 +64,13 @@ def compute_stripe(board: Board, table: WeightTable, job: Job, s: int) -> None:
         u = np.empty((job.n, b - a), np.float32)
         run_kernel(expert.gate, x, g, a, b, 0, expert.gate.cols, 0, a)
         run_kernel(expert.up, x, u, a, b, 0, expert.up.cols, 0, a)
-        _silu_mul(g, u)
+        activate(expert, g, u, a)
         board.floats(job.h_at, (job.n, job.rows))[:, a:b] = g
     elif job.kind == EXPERT_DOWN:
         h = board.floats(job.h_at, (job.n, job.cols))
         out = board.floats(job.out_at, (job.n, job.rows))
         run_kernel(expert.down, h, out, a, b, 0, expert.down.cols, 0, 0)
+        add_down_bias(expert, out[:, a:b], a)
 
 
 class BoardExecutor:

@@ -42,7 +42,7 @@ class WeightTable:
         if e == SHARED:
             return self.layers[layer].shared
         if slot < 0:
-            return self.layers[layer].experts[e]
+            return self.layers[layer].expert(e, self.layers[layer].experts[e])
         key = (layer, e, slot)
         held = self._decoded.get(key)
         if held is None:
@@ -51,7 +51,7 @@ class WeightTable:
             size = self.arena.slot_size
             held = self.source.decode((layer, e), self._base[slot * size : (slot + 1) * size])
             self._decoded[key] = held
-        return held
+        return self.layers[layer].expert(e, held)
 
     def forget_slot(self, slot: int) -> None:
         """A slot now holds another expert: drop views made of it."""

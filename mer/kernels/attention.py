@@ -6,6 +6,8 @@ Values may be narrower than keys, and may be a view of the keys' first vd values
 latent attention, where key and value are one cached latent).
 Query i sits at absolute position p0 + i and sees keys at positions max(0, p - W + 1)..p,
 W being the sliding window (None = unbounded), as transformers masks it.
+With attention sinks (gpt-oss) each head's softmax has one more logit, the head's sink, that
+weighs no value: it only takes a share of the probability.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .matmul import _PAR_MIN_WORK, get_num_threads, thread_policy
 
 
 @njit(nogil=True, fastmath=True, error_model="numpy", inline="always")
-def _job(q, k_cache, v_cache, p0, window, scale, out, job):  # pragma: no cover - compiled
+def _job(q, k_cache, v_cache, p0, window, scale, sinks, out, job):  # pragma: no cover
     # One query token and head: causal softmax over its keys, then the weighted values.
     h, hd, vd = q.shape[1], q.shape[2], v_cache.shape[2]
     group = h // k_cache.shape[1]
@@ -32,6 +34,8 @@ def _job(q, k_cache, v_cache, p0, window, scale, out, job):  # pragma: no cover 
     lo = 0 if window <= 0 else max(0, p - window + 1)
     scores = np.empty(p + 1 - lo, np.float32)
     mx = np.float32(-np.inf)
+    if sinks.shape[0]:
+        mx = sinks[j]
     for s in range(lo, p + 1):
         acc = np.float32(0.0)
         for i in range(hd):
@@ -40,6 +44,8 @@ def _job(q, k_cache, v_cache, p0, window, scale, out, job):  # pragma: no cover 
         scores[s - lo] = acc
         mx = max(mx, acc)
     total = np.float32(0.0)
+    if sinks.shape[0]:
+        total = np.exp(sinks[j] - mx)
     for s in range(scores.shape[0]):
         scores[s] = np.exp(scores[s] - mx)
         total += scores[s]
@@ -52,11 +58,11 @@ def _job(q, k_cache, v_cache, p0, window, scale, out, job):  # pragma: no cover 
 
 
 @njit(cache=True, nogil=True, fastmath=True, parallel=True, error_model="numpy")
-def _attention(q, k_cache, v_cache, p0, window, scale, out):  # pragma: no cover - compiled
+def _attention(q, k_cache, v_cache, p0, window, scale, sinks, out):  # pragma: no cover
     # One kernel for any thread count (numba's setting, 1 included: a region of one thread
     # costs ~1 us): a serial copy compiles to different vector code, hence other bits.
     for job in prange(q.shape[0] * q.shape[1]):
-        _job(q, k_cache, v_cache, p0, window, scale, out, job)
+        _job(q, k_cache, v_cache, p0, window, scale, sinks, out, job)
 
 
 def attention(
@@ -66,11 +72,13 @@ def attention(
     p0: int,
     window: int | None = None,
     scale: float | None = None,
+    sinks: np.ndarray | None = None,
 ) -> np.ndarray:
     """Attention output float32 [n, H, vd] for queries q [n, H, hd] at positions p0..p0+n-1.
 
     k_cache: float32 [capacity, G, hd], v_cache [capacity, G, vd], with positions 0..p0+n-1
-    filled. Scores are scaled by `scale` (default 1/sqrt(hd)).
+    filled. Scores are scaled by `scale` (default 1/sqrt(hd)); `sinks` float32 [H]: each
+    head's sink logit.
     """
     n, h, hd = q.shape
     if q.dtype != np.float32 or k_cache.dtype != np.float32 or v_cache.dtype != np.float32:
@@ -84,6 +92,10 @@ def attention(
         raise ValueError(f"attention: q {q.shape} does not fit cache {k_cache.shape}")
     if p0 + n > k_cache.shape[0]:
         raise ValueError("attention: positions run past the cache capacity")
+    if sinks is None:
+        sinks = _NO_SINKS
+    elif sinks.dtype != np.float32 or sinks.shape != (h,):
+        raise ValueError(f"attention: sinks must be float32 [{h}]")
     out = np.empty((n, h, v_cache.shape[2]), np.float32)
     args = (np.ascontiguousarray(q), k_cache, v_cache, p0, window or 0)
     scale = np.float32(1.0 / math.sqrt(hd) if scale is None else scale)
@@ -92,16 +104,19 @@ def attention(
     # Jobs are whole (token, head) pairs: any thread count gives the same bits.
     if get_num_threads() == 1 or work < _PAR_MIN_WORK:
         _on_threads(1)
-        _attention(*args, scale, out)
+        _attention(*args, scale, sinks, out)
         return out
     policy = thread_policy()
     key = ("attention", h, n.bit_length(), keys.bit_length())
     nt = policy.choose(key)
     _on_threads(nt)
     start = time.perf_counter()
-    _attention(*args, scale, out)
+    _attention(*args, scale, sinks, out)
     policy.record(key, nt, work, time.perf_counter() - start)
     return out
+
+
+_NO_SINKS = np.zeros(0, np.float32)
 
 
 def _on_threads(nt: int) -> None:
@@ -116,6 +131,7 @@ def attention_reference(
     p0: int,
     window: int | None = None,
     scale: float | None = None,
+    sinks: np.ndarray | None = None,
 ) -> np.ndarray:
     n, h, hd = q.shape
     group = h // k_cache.shape[1]
@@ -127,6 +143,9 @@ def attention_reference(
         for j in range(h):
             keys = k_cache[lo : p + 1, j // group].astype(np.float64)
             s = keys @ q[t, j].astype(np.float64) * scale
-            w = np.exp(s - s.max())
-            out[t, j] = (w / w.sum()) @ v_cache[lo : p + 1, j // group]
+            sink = -np.inf if sinks is None else float(sinks[j])
+            top = max(s.max(), sink)
+            w = np.exp(s - top)
+            total = w.sum() + np.exp(sink - top)
+            out[t, j] = (w / total) @ v_cache[lo : p + 1, j // group]
     return out.astype(np.float32)

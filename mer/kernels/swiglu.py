@@ -22,6 +22,54 @@ def _silu_mul(g, u):
             g[t, i] = z / (one + np.exp(-z)) * u[t, i]
 
 
+# gpt-oss's SwiGLU: the gate clamped above at `limit`, up to [-limit, limit];
+# out = (up + 1) * gate * sigmoid(ALPHA * gate), in float32 as transformers computes it
+ALPHA = 1.702
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _clamped_glu(g, u, gb, ub, limit):
+    one, alpha = np.float32(1.0), np.float32(ALPHA)
+    lim = np.float32(limit)
+    for t in range(g.shape[0]):
+        for i in range(g.shape[1]):
+            z = min(g[t, i] + gb[i], lim)
+            v = min(max(u[t, i] + ub[i], -lim), lim)
+            g[t, i] = (v + one) * (z * (one / (one + np.exp(-(z * alpha)))))
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _biased_silu_mul(g, u, gb, ub):
+    one = np.float32(1.0)
+    for t in range(g.shape[0]):
+        for i in range(g.shape[1]):
+            z = g[t, i] + gb[i]
+            g[t, i] = z / (one + np.exp(-z)) * (u[t, i] + ub[i])
+
+
+def activate(expert, g: np.ndarray, u: np.ndarray, i0: int) -> None:
+    """g <- the expert's activation of gate outputs g and up outputs u [n, i1 - i0], the
+    columns i0.. of its intermediate: its biases added first, if it has them (gpt-oss)."""
+    if expert.bias is None and not expert.limit:
+        _silu_mul(g, u)
+        return
+    width = g.shape[1]
+    if expert.bias is None:
+        gb = ub = np.zeros(width, np.float32)
+    else:
+        gb, ub = expert.bias[0][i0 : i0 + width], expert.bias[1][i0 : i0 + width]
+    if expert.limit:
+        _clamped_glu(g, u, gb, ub, expert.limit)
+    else:
+        _biased_silu_mul(g, u, gb, ub)
+
+
+def add_down_bias(expert, y: np.ndarray, r0: int = 0) -> None:
+    """y [n, r1 - r0] += the expert's down-projection bias over output rows r0.. (if any)."""
+    if expert.bias is not None:
+        y += expert.bias[2][r0 : r0 + y.shape[1]]
+
+
 def _check(gate: PackedWeight, up: PackedWeight, down: PackedWeight, x, inter_range):
     d_model, inter = gate.cols, gate.rows
     if (up.rows, up.cols) != (inter, d_model) or (down.rows, down.cols) != (d_model, inter):
@@ -52,16 +100,31 @@ def expert_forward(
     gate, up: [I, D]; down: [D, I]; x: float32 [n, D] C-contiguous. inter_range (i0, i1)
     must be multiples of down.block_size (default: all of I).
     """
+    return _forward(gate, up, down, x, inter_range, None)
+
+
+def run_expert(expert, x: np.ndarray) -> np.ndarray:
+    """The whole output float32 [n, D] of ExpertWeights `expert` (biases and clamp included)
+    for x float32 [n, D]."""
+    return _forward(expert.gate, expert.up, expert.down, x, None, expert)
+
+
+def _forward(gate, up, down, x, inter_range, expert) -> np.ndarray:
     i0, i1 = _check(gate, up, down, x, inter_range)
     n = x.shape[0]
     g = np.empty((n, i1 - i0), np.float32)
     u = np.empty((n, i1 - i0), np.float32)
     run_kernel(gate, x, g, i0, i1, 0, gate.cols, 0, i0)
     run_kernel(up, x, u, i0, i1, 0, up.cols, 0, i0)
-    _silu_mul(g, u)
+    if expert is None:
+        _silu_mul(g, u)
+    else:
+        activate(expert, g, u, i0)
     y = np.empty((n, down.rows), np.float32)
     # h = g holds columns i0..i1 of the intermediate activations: offset it by i0.
     run_kernel(down, g, y, 0, down.rows, i0, i1, i0, 0)
+    if expert is not None:
+        add_down_bias(expert, y)
     return y
 
 

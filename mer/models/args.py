@@ -37,7 +37,8 @@ class RopeArgs:
 class ModelArgs:
     """The shape of a Llama-family decoder; a dense FFN is one expert that is always selected."""
 
-    # "llama" | "mixtral" | "qwen2moe" | "qwen3moe" | "olmoe" | "deepseek2" | "deepseek3"
+    # "llama" | "mixtral" | "qwen2moe" | "qwen3moe" | "olmoe" | "deepseek2" | "deepseek3" |
+    # "gptoss"
     arch: str
     vocab_size: int
     dim: int
@@ -90,6 +91,19 @@ class ModelArgs:
     v_head_dim: int = 0
     # attention's softmax scale; 0: 1/sqrt(query head width)
     softmax_scale: float = 0.0
+    # layers that attend over the whole context although sliding_window is set (gpt-oss
+    # alternates sliding and full layers)
+    full_attention_layers: tuple[int, ...] = ()
+    # gpt-oss: a learnt logit per query head that joins each softmax without a value
+    # ("attention sinks"); a bias on the output projection; a bias on the router's logits
+    # (choice and weights alike); biases on each expert's gate, up and down projections
+    sinks: bool = False
+    o_bias: bool = False
+    router_logit_bias: bool = False
+    expert_bias: bool = False
+    # gpt-oss's clamped SwiGLU when > 0: gate clamped to <= limit, up to [-limit, limit],
+    # out = (up + 1) * gate * sigmoid(1.702 * gate); 0: silu(gate) * up
+    swiglu_limit: float = 0.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -133,6 +147,10 @@ class ModelArgs:
             raise ModelFormatError("model config: kv_lora_rank and q_lora_rank must be >= 0")
         if self.kv_lora_rank and (self.qk_nope_head_dim <= 0 or self.v_head_dim <= 0):
             raise ModelFormatError("model config: qk_nope_head_dim and v_head_dim must be positive")
+        if self.swiglu_limit < 0:
+            raise ModelFormatError("model config: swiglu_limit must be >= 0")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ModelFormatError("model config: sliding_window must be positive")
 
     @property
     def is_moe(self) -> bool:
@@ -156,6 +174,10 @@ class ModelArgs:
     @property
     def attention_scale(self) -> float:
         return self.softmax_scale or self.q_head_dim**-0.5
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer`'s attention, None for the whole context."""
+        return None if layer in self.full_attention_layers else self.sliding_window
 
     def is_dense_layer(self, layer: int) -> bool:
         """A layer whose FFN is one dense SwiGLU, in a model whose others are MoE."""

@@ -1,5 +1,5 @@
-"""Load a GGUF file (architectures llama, mixtral, qwen2moe, qwen3moe, olmoe, deepseek2) into
-kernel-ready weights and a tokenizer.
+"""Load a GGUF file (architectures llama, mixtral, qwen2moe, qwen3moe, olmoe, deepseek2,
+gpt-oss) into kernel-ready weights and a tokenizer.
 
 For llama and mixtral, llama.cpp's converter permutes the rows of the Q and K projections so
 that RoPE rotates adjacent pairs; mer keeps the file's rows and rotates adjacent pairs too
@@ -13,11 +13,17 @@ renormalisation, scale) and keeps kv_b_proj split per head (attn_k_b transposed,
 mer's absorbed latent attention uses it; older files with one attn_kv_b are split on loading.
 llama.cpp ranks expert groups by their two best scores whatever the gating function, and
 rotates adjacent pairs; mer does the same for these files.
+
+gpt-oss keeps transformers' layout with gate and up split apart (experts usually MXFP4), its
+sliding-window layers given by `attention.sliding_window_pattern` (a period, or a flag per
+layer; llama.cpp's default: every other layer from the first), its SwiGLU clamped at 7.0 as
+llama.cpp fixes it, and the router's top-k logits softmaxed.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +32,11 @@ from mer.errors import ModelFormatError
 from mer.io.gguf import GGUFFile
 from mer.io.raw import to_float32
 from mer.kernels.matmul import PackedWeight, dequantize, from_gguf_blocks, pack_float
-from mer.models.args import ModelArgs, RopeArgs, naming
+from mer.models.args import ModelArgs, RopeArgs, naming, yarn_mscale
 from mer.models.gguf_vocab import build_tokenizer
 from mer.models.weights import (
     Embedding,
+    ExpertBiases,
     ExpertWeights,
     LayerWeights,
     MatrixSpec,
@@ -38,7 +45,7 @@ from mer.models.weights import (
 )
 from mer.tokenizer import Tokenizer
 
-ARCHITECTURES = ("llama", "mixtral", "qwen2moe", "qwen3moe", "olmoe", "deepseek2")
+ARCHITECTURES = ("llama", "mixtral", "qwen2moe", "qwen3moe", "olmoe", "deepseek2", "gpt-oss")
 _QK_NORM = {"qwen3moe": "head", "olmoe": "full"}  # RMSNorm of queries and keys before RoPE
 # renormalise the top-k routing weights (llama.cpp's norm_w)
 _NORM_TOPK = {"olmoe": False, "qwen2moe": False}
@@ -110,7 +117,8 @@ def _read_args(gg: GGUFFile, arch: str) -> ModelArgs:
     if arch == "deepseek2":
         head_dim = int(m("rope.dimension_count"))  # the rotary part of a query head
     scaling = m("rope.scaling.type", "none")
-    if scaling not in ("none", "linear") and not (arch == "deepseek2" and scaling == "yarn"):
+    yarn_ok = arch in ("deepseek2", "gpt-oss")
+    if scaling not in ("none", "linear") and not (yarn_ok and scaling == "yarn"):
         raise ModelFormatError(f"{gg.path}: rope scaling {scaling!r} is not supported")
     factors = None
     if gg.has("rope_freqs.weight"):
@@ -124,10 +132,12 @@ def _read_args(gg: GGUFFile, arch: str) -> ModelArgs:
         interleaved=arch in ("llama", "mixtral", "deepseek2"),
         freq_factors=factors,
     )
+    if arch == "gpt-oss" and scaling == "yarn":  # ggml's YaRN scales cos and sin itself
+        rope = replace(rope, attention_factor=yarn_mscale(rope.factor))
     n_experts = int(m("expert_count", 1) or 1)
-    moe_ffn = ("qwen2moe", "qwen3moe", "deepseek2")
+    moe_ffn = ("qwen2moe", "qwen3moe", "deepseek2", "gpt-oss")
     ffn = m("expert_feed_forward_length", None) if arch in moe_ffn else None
-    kind = arch
+    kind = {"gpt-oss": "gptoss"}.get(arch, arch)
     if arch in ("llama", "mixtral"):  # llama.cpp writes Mixtral as "llama" with experts
         kind = "mixtral" if n_experts > 1 else "llama"
     fields = dict(
@@ -150,6 +160,8 @@ def _read_args(gg: GGUFFile, arch: str) -> ModelArgs:
     )
     if arch == "deepseek2":
         fields.update(_deepseek2(gg, m, rope, head_dim))
+    if arch == "gpt-oss":
+        fields.update(_gpt_oss(gg, m, int(fields["n_layers"])))
     if arch == "qwen2moe":  # a gated shared expert, biases on q, k and v
         fields.update(
             shared_ffn_dim=int(m("expert_shared_feed_forward_length")),
@@ -193,6 +205,30 @@ def _deepseek2(gg: GGUFFile, m, rope: RopeArgs, rope_dim: int) -> dict:
         qk_nope_head_dim=nope,
         v_head_dim=int(m("attention.value_length_mla")),
         softmax_scale=scale,
+    )
+
+
+def _gpt_oss(gg: GGUFFile, m, n_layers: int) -> dict:
+    """The ModelArgs fields of a gpt-oss file beyond the common ones."""
+    pattern = m("attention.sliding_window_pattern", 2)
+    if isinstance(pattern, list):  # a flag per layer: True where the window applies
+        if len(pattern) != n_layers:
+            raise ModelFormatError(f"{gg.path}: sliding_window_pattern does not cover the layers")
+        sliding = [bool(x) for x in pattern]
+    else:  # llama.cpp's period n: layers il % n < n - 1 slide
+        n = int(pattern)
+        sliding = [n == 0 or i % n < n - 1 for i in range(n_layers)]
+    window = int(m("attention.sliding_window", 0) or 0) or None
+    return dict(
+        sliding_window=window if any(sliding) else None,
+        full_attention_layers=tuple(i for i, s in enumerate(sliding) if not s) if window else (),
+        qkv_bias=gg.has("blk.0.attn_q.bias"),
+        o_bias=gg.has("blk.0.attn_output.bias"),
+        sinks=True,
+        router_logit_bias=True,
+        expert_bias=True,
+        swiglu_limit=7.0,  # llama.cpp's constant for this architecture
+        norm_topk_prob=True,
     )
 
 
@@ -259,7 +295,9 @@ class _Loader:
             shared = self.resident_ffn(p, "_shexp", a.shared_ffn_dim)
             raw, kind = self.gg.tensor(p + "ffn_gate_inp_shexp.weight", (1, a.dim))
             shared_gate = np.ascontiguousarray(dequantize(self.pack(raw, kind, 1, a.dim))[0])
+        extras = self.gpt_oss_extras(p) if a.arch == "gptoss" else {}
         return LayerWeights(
+            **extras,
             bq=bq,
             bk=bk,
             bv=bv,
@@ -272,9 +310,33 @@ class _Loader:
             wk=self.matrix(p + "attn_k.weight", kv_dim, a.dim),
             wv=self.matrix(p + "attn_v.weight", kv_dim, a.dim),
             wo=self.matrix(p + "attn_output.weight", a.dim, q_dim),
-            ffn_norm=self.vector(p + "ffn_norm.weight", a.dim),
+            ffn_norm=self.vector(
+                p + ("post_attention_norm" if extras else "ffn_norm") + ".weight", a.dim
+            ),
             router=router,
             experts=self.experts(p) if a.is_moe else [self.dense_ffn(p)],
+        )
+
+    def gpt_oss_extras(self, p: str) -> dict:
+        a = self.args
+        e, f = a.n_experts, a.ffn_dim
+
+        def biases(name: str, width: int) -> np.ndarray:
+            raw, kind = self.gg.tensor(f"{p}{name}.bias", (e, width))
+            if kind not in FLOAT_KINDS:
+                raise ModelFormatError(f"{self.gg.path}: tensor {p}{name}.bias is quantized")
+            return np.ascontiguousarray(to_float32(raw, kind))
+
+        return dict(
+            bo=self.vector(p + "attn_output.bias", a.dim) if a.o_bias else None,
+            sinks=self.vector(p + "attn_sinks.weight", a.n_heads),
+            router_logit_bias=self.vector(p + "ffn_gate_inp.bias", e),
+            expert_biases=ExpertBiases(
+                biases("ffn_gate_exps", f),
+                biases("ffn_up_exps", f),
+                biases("ffn_down_exps", a.dim),
+                a.swiglu_limit,
+            ),
         )
 
     def router(self, p: str) -> np.ndarray:

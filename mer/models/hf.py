@@ -16,7 +16,7 @@ from mer.errors import ModelFormatError
 from mer.io.raw import to_float32
 from mer.io.safetensors import SafetensorsDir
 from mer.kernels.matmul import PackedWeight, pack_float, quantize
-from mer.models import deepseek, llama, mixtral, olmoe, qwen2moe, qwen3moe
+from mer.models import deepseek, gptoss, llama, mixtral, olmoe, qwen2moe, qwen3moe
 from mer.models.args import ModelArgs
 from mer.models.weights import (
     Embedding,
@@ -25,6 +25,7 @@ from mer.models.weights import (
     MatrixSpec,
     MLAWeights,
     ModelWeights,
+    arrange,
 )
 
 # each names its config (args_from_config), its routed FFN (ffn_tensors) and optionally an
@@ -37,6 +38,7 @@ ARCHITECTURES: dict[str, ModuleType | SimpleNamespace] = {
     "OlmoeForCausalLM": olmoe,
     "DeepseekV2ForCausalLM": deepseek.V2,
     "DeepseekV3ForCausalLM": deepseek.V3,
+    "GptOssForCausalLM": gptoss,
 }
 QUANT_KINDS = ("q8_0", "q4_0")
 
@@ -74,6 +76,14 @@ def load_hf_dir(
     return args, loader.model(module)
 
 
+def _matrix_shape(shape: tuple[int, ...], layout: str) -> tuple[int, int]:
+    """[rows, cols] of the matrix a stored array of `shape` holds in `layout`."""
+    rows, cols = shape
+    if layout == "rows":
+        return rows, cols
+    return (cols, rows) if layout == "cols" else (cols // 2, rows)
+
+
 class _Loader:
     def __init__(
         self, src: SafetensorsDir, args: ModelArgs, quant: str | None, stream: bool
@@ -102,13 +112,19 @@ class _Loader:
         arr, kind = self.src.get(name, shape)
         return pack_float(arr, kind)
 
-    def expert_matrix(self, arr: np.ndarray, kind: str) -> PackedWeight | MatrixSpec:
+    def expert_matrix(
+        self, arr: np.ndarray, kind: str, layout: str = "rows"
+    ) -> PackedWeight | MatrixSpec:
+        """Expert matrix held by stored array `arr` in `layout` (weights.LAYOUTS)."""
         if self.stream:
             if not arr.flags.c_contiguous:
                 raise ModelFormatError(f"{self.src.root}: an expert matrix is not contiguous")
             file, offset = self.src.locate(arr)
-            return MatrixSpec(file, offset, arr.nbytes, kind, *arr.shape, quant=self.quant)
-        return self.resident_matrix(arr, kind)
+            rows, cols = _matrix_shape(arr.shape, layout)
+            return MatrixSpec(
+                file, offset, arr.nbytes, kind, rows, cols, quant=self.quant, layout=layout
+            )
+        return self.resident_matrix(arrange(arr, layout), kind)
 
     def resident_matrix(self, arr: np.ndarray, kind: str) -> PackedWeight:
         if self.quant is None:
@@ -116,7 +132,8 @@ class _Loader:
         return quantize(np.ascontiguousarray(to_float32(arr, kind)), self.quant)
 
     def expert(self, triple) -> ExpertWeights | tuple[MatrixSpec, ...]:
-        parts = tuple(self.expert_matrix(arr, kind) for arr, kind in triple)
+        """Each part is (stored array, kind) or (stored array, kind, layout)."""
+        parts = tuple(self.expert_matrix(*part) for part in triple)
         return parts if self.stream else ExpertWeights(*parts)
 
     def model(self, module) -> ModelWeights:
@@ -161,7 +178,9 @@ class _Loader:
             bv = self.vector(p + "self_attn.v_proj.bias", kv_dim)
         q_norm, k_norm = self.qk_norms(p)
         wq, wk, wv, mla = self.attention(p + "self_attn.")
+        extras = getattr(module, "layer_extras", lambda *_: {})(self, i)
         return LayerWeights(
+            **extras,
             q_norm=q_norm,
             k_norm=k_norm,
             attn_norm=self.vector(p + "input_layernorm.weight"),

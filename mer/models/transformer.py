@@ -1,4 +1,5 @@
-"""The decoder forward pass shared by Llama, Mixtral, Qwen3-MoE, OLMoE and DeepSeek-V2/V3.
+"""The decoder forward pass shared by Llama, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
+DeepSeek-V2/V3 and gpt-oss.
 
 # n = tokens in this call, D = hidden, H = query heads, G = KV heads, hd = head dim,
 # E = experts, A = active experts per token, V = vocabulary
@@ -198,9 +199,11 @@ class Transformer:
             p0 = cache.length
             cache.k[index][p0 : p0 + b - a] = k[a:b]
             cache.v[index][p0 : p0 + b - a] = v[a:b]
-            out[a:b] = attention(q[a:b], cache.k[index], cache.v[index], p0, args.sliding_window)
+            out[a:b] = attention(
+                q[a:b], cache.k[index], cache.v[index], p0, args.window(index), sinks=layer.sinks
+            )
         (projected,) = self.executor.products([(layer.wo, out.reshape(n, -1))])
-        return projected
+        return projected if layer.bo is None else projected + layer.bo
 
     def _latent_attention(
         self,
@@ -266,6 +269,8 @@ class Transformer:
             weights = np.ones((h.shape[0], 1), np.float32)
         else:
             scores = router_logits(h, layer.router)
+            if layer.router_logit_bias is not None:
+                scores += layer.router_logit_bias
             _check(check, scores, f"the router of layer {index}", "router")
             chosen, weights = route(
                 scores,
@@ -286,7 +291,7 @@ class Transformer:
         def compute(e: int, expert: ExpertWeights, slot: int = -1) -> None:
             rows, _ = np.nonzero(chosen == e)  # each token picks an expert at most once
             x = np.ascontiguousarray(h[rows])
-            outputs[e] = self.executor.expert(expert, x, (index, e, slot))
+            outputs[e] = self.executor.expert(layer.expert(e, expert), x, (index, e, slot))
             if layer.router is not None:
                 _check(check, outputs[e], f"expert {e} of layer {index}", "experts")
 

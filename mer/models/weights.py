@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +14,14 @@ from mer.kernels.matmul import PackedWeight, dequantize, from_gguf_blocks, requa
 
 @dataclass(frozen=True)
 class ExpertWeights:
-    """One SwiGLU expert. gate, up: [I, D]; down: [D, I]."""
+    """One SwiGLU expert. gate, up: [I, D]; down: [D, I]. gpt-oss adds biases (float32 gate
+    [I], up [I], down [D]) and clamps its SwiGLU at `limit` (`ModelArgs.swiglu_limit`)."""
 
     gate: PackedWeight
     up: PackedWeight
     down: PackedWeight
+    bias: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    limit: float = 0.0
 
     @property
     def parts(self) -> tuple[PackedWeight, PackedWeight, PackedWeight]:
@@ -29,10 +32,34 @@ class ExpertWeights:
         return sum(w.gguf_nbytes for w in self.parts)
 
 
+# How a float matrix [rows, cols] lies in a stored 2-D array (`arrange`): "rows" as it is;
+# "cols" transposed, [cols, rows]; "even_cols" / "odd_cols" transposed and interleaved with
+# another matrix, [cols, 2 * rows] holding it in the even / odd columns (gpt-oss's gate_up).
+LAYOUTS = ("rows", "cols", "even_cols", "odd_cols")
+
+
+def stored_shape(layout: str, rows: int, cols: int) -> tuple[int, int]:
+    """The shape of the stored array that holds a [rows, cols] matrix in `layout`."""
+    return {"rows": (rows, cols), "cols": (cols, rows)}.get(layout, (cols, 2 * rows))
+
+
+def arrange(stored: np.ndarray, layout: str) -> np.ndarray:
+    """The matrix [rows, cols], C-contiguous, held by 2-D array `stored` in `layout`."""
+    if layout == "rows":
+        return np.ascontiguousarray(stored)
+    if layout == "cols":
+        return np.ascontiguousarray(stored.T)
+    return np.ascontiguousarray(stored[:, layout == "odd_cols" :: 2].T)
+
+
+_DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
+
+
 @dataclass(frozen=True)
 class MatrixSpec:
     """Where one expert matrix lies in a model file, and how to make it kernel-ready: its bytes
-    are GGUF blocks or a row-major float matrix of `kind`; `quant` quantizes it on packing."""
+    are GGUF blocks or a float matrix of `kind` stored in `layout` (LAYOUTS); `quant`
+    quantizes it on packing."""
 
     file: Path
     offset: int
@@ -41,9 +68,15 @@ class MatrixSpec:
     rows: int
     cols: int
     quant: str | None = None
+    layout: str = "rows"
 
     def pack(self, raw: np.ndarray) -> PackedWeight:
-        """A PackedWeight from this matrix's bytes `raw` (uint8); float kinds stay views."""
+        """A PackedWeight from this matrix's bytes `raw` (uint8); float kinds in "rows" layout
+        stay views."""
+        if self.layout != "rows":
+            shape = stored_shape(self.layout, self.rows, self.cols)
+            stored = raw.view(_DTYPES[self.kind]).reshape(shape)
+            raw = arrange(stored, self.layout).view(np.uint8).reshape(-1)
         return requantize(from_gguf_blocks(raw, self.kind, self.rows, self.cols), self.quant)
 
 
@@ -72,6 +105,22 @@ class MLAWeights:
 
 
 @dataclass(frozen=True)
+class ExpertBiases:
+    """The biases of every expert of a layer (gpt-oss), kept resident whether the experts are
+    or not: gate, up float32 [E, I], down [E, D]; `limit` is the clamp of their SwiGLU."""
+
+    gate: np.ndarray
+    up: np.ndarray
+    down: np.ndarray
+    limit: float
+
+    def attach(self, e: int, expert: ExpertWeights) -> ExpertWeights:
+        """Expert e's weights with its biases and clamp."""
+        bias = (self.gate[e], self.up[e], self.down[e])
+        return replace(expert, bias=bias, limit=self.limit)
+
+
+@dataclass(frozen=True)
 class LayerWeights:
     attn_norm: np.ndarray  # float32 [D]
     wq: PackedWeight  # [H*hd, D] (MLA: [H*(N+R), D] or [H*(N+R), Q])
@@ -95,6 +144,15 @@ class LayerWeights:
     bq: np.ndarray | None = None  # float32 [H*hd]: projection biases (ModelArgs.qkv_bias)
     bk: np.ndarray | None = None  # float32 [G*hd]
     bv: np.ndarray | None = None  # float32 [G*hd]
+    bo: np.ndarray | None = None  # float32 [D]: the output projection's bias (gpt-oss)
+    sinks: np.ndarray | None = None  # float32 [H]: attention sink logits (gpt-oss)
+    router_logit_bias: np.ndarray | None = None  # float32 [E]: added to the router's logits
+    expert_biases: ExpertBiases | None = None  # gpt-oss
+
+    def expert(self, e: int, expert: ExpertWeights) -> ExpertWeights:
+        """Expert e as the kernels run it: `expert` (resident, or a view of a cache slot) with
+        the layer's resident per-expert extras attached."""
+        return expert if self.expert_biases is None else self.expert_biases.attach(e, expert)
 
     def matrices(self) -> list[PackedWeight]:
         """Every non-expert matrix of the layer, in a fixed order."""

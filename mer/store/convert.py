@@ -67,6 +67,9 @@ def dense_tensors(weights: ModelWeights) -> Iterator[tuple[str, PackedWeight | n
             "bq",
             "bk",
             "bv",
+            "bo",
+            "sinks",
+            "router_logit_bias",
         ):
             value = getattr(layer, name)
             if value is not None:
@@ -83,6 +86,9 @@ def dense_tensors(weights: ModelWeights) -> Iterator[tuple[str, PackedWeight | n
         if layer.shared is not None:
             for part in ("gate", "up", "down"):
                 yield f"{p}shared.{part}", getattr(layer.shared, part)
+        if layer.expert_biases is not None:
+            for part in ("gate", "up", "down"):
+                yield f"{p}expert_bias.{part}", getattr(layer.expert_biases, part)
 
 
 def _progress(enabled: bool):

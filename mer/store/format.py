@@ -131,6 +131,11 @@ def args_from_json(config: dict[str, Any], source: Path) -> ModelArgs:
         if not isinstance(factors, list) or not all(_is_number(f) for f in factors):
             raise ModelFormatError(f"{source}: config.rope.freq_factors must be numbers")
         rope["freq_factors"] = tuple(float(f) for f in factors)
+    full = values.get("full_attention_layers")
+    if full is not None:
+        if not isinstance(full, list) or not all(_is_count(i) for i in full):
+            raise ModelFormatError(f"{source}: config.full_attention_layers must be layer numbers")
+        values["full_attention_layers"] = tuple(full)
     try:
         return ModelArgs(**{**values, "rope": RopeArgs(**rope)})
     except TypeError as err:

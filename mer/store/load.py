@@ -16,7 +16,14 @@ from mer.errors import ModelFormatError
 from mer.io.arena import ALIGN, round_up
 from mer.kernels.matmul import PackedWeight, row_bytes
 from mer.models.args import ModelArgs
-from mer.models.weights import Embedding, ExpertWeights, LayerWeights, MLAWeights, ModelWeights
+from mer.models.weights import (
+    Embedding,
+    ExpertBiases,
+    ExpertWeights,
+    LayerWeights,
+    MLAWeights,
+    ModelWeights,
+)
 from mer.store import format as fmt
 from mer.tokenizer import Tokenizer
 
@@ -188,6 +195,15 @@ def _dense_weights(
             matrix(p + "shared.down", d, width),
         )
 
+    def expert_biases(p: str) -> ExpertBiases:
+        e, i = args.n_experts, args.ffn_dim
+        return ExpertBiases(
+            array(p + "expert_bias.gate", e, i),
+            array(p + "expert_bias.up", e, i),
+            array(p + "expert_bias.down", e, d),
+            args.swiglu_limit,
+        )
+
     mm_path = root / fmt.DENSE_FILE
     d, q_dim = args.dim, args.n_heads * args.q_head_dim
     kv_dim = args.n_kv_heads * args.head_dim
@@ -220,6 +236,12 @@ def _dense_weights(
                 bq=array(p + "bq", q_dim) if args.qkv_bias else None,
                 bk=array(p + "bk", kv_dim) if args.qkv_bias else None,
                 bv=array(p + "bv", kv_dim) if args.qkv_bias else None,
+                bo=array(p + "bo", d) if args.o_bias else None,
+                sinks=array(p + "sinks", args.n_heads) if args.sinks else None,
+                router_logit_bias=array(p + "router_logit_bias", args.n_experts)
+                if routed and args.router_logit_bias
+                else None,
+                expert_biases=expert_biases(p) if routed and args.expert_bias else None,
                 shared=shared(
                     p, args.dense_ffn_dim if args.is_dense_layer(i) else args.shared_ffn_dim
                 ),

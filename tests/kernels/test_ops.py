@@ -106,6 +106,23 @@ def test_attention(n, p0, h, g, hd, window):
     np.testing.assert_allclose(got, attention_reference(q, k, v, p0, window), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 4])
+def test_attention_sinks(window):
+    """gpt-oss: each head's sink logit joins the softmax and weighs no value, so it takes
+    probability from the keys; a very low sink changes nothing."""
+    q, k, v = randn(7, 6, 16), randn(12, 2, 16), randn(12, 2, 16)
+    sinks = randn(6) * 2
+    got = attention(q, k, v, 3, window, sinks=sinks)
+    want = attention_reference(q, k, v, 3, window, sinks=sinks)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    plain = attention(q, k, v, 3, window)
+    assert not np.allclose(got, plain, atol=1e-3)
+    low = attention(q, k, v, 3, window, sinks=np.full(6, -1e4, np.float32))
+    np.testing.assert_allclose(low, plain, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="sinks"):
+        attention(q, k, v, 3, window, sinks=randn(5))
+
+
 def test_latent_attention_values_are_a_view_of_the_keys():
     """DeepSeek's absorbed MLA: one cached row per position, values its first 24 values,
     an explicit softmax scale."""
@@ -126,13 +143,13 @@ def test_attention_bits_do_not_depend_on_threads(window):
 
     from mer.kernels.attention import _attention
 
-    q, k, v = randn(12, 8, 32), randn(40, 2, 32), randn(40, 2, 32)
+    q, k, v, sinks = randn(12, 8, 32), randn(40, 2, 32), randn(40, 2, 32), randn(8)
     scale = np.float32(1 / math.sqrt(32))
     outs = []
     for nt in sorted({1, numba.config.NUMBA_NUM_THREADS}):
         numba.set_num_threads(nt)
         outs.append(np.empty_like(q))
-        _attention(q, k, v, 20, window, scale, outs[-1])
+        _attention(q, k, v, 20, window, scale, sinks, outs[-1])
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     for out in outs[1:]:
         np.testing.assert_array_equal(outs[0], out)

@@ -57,6 +57,50 @@ def test_partition_sums_to_full(kinds, n):
     assert not np.allclose(sliced, full)
 
 
+def clamped_reference(gate, up, down, x, bias, limit):
+    """gpt-oss's expert in float64 NumPy: biases, gate clamped above, up to [-limit, limit],
+    (up + 1) * g * sigmoid(1.702 g), then down plus its bias."""
+    xd = x.astype(np.float64)
+    g = xd @ mm.dequantize(gate).astype(np.float64).T + bias[0]
+    u = xd @ mm.dequantize(up).astype(np.float64).T + bias[1]
+    g, u = np.minimum(g, limit), np.clip(u, -limit, limit)
+    h = (u + 1) * g / (1 + np.exp(-1.702 * g))
+    return h @ mm.dequantize(down).astype(np.float64).T + bias[2]
+
+
+@pytest.mark.parametrize("kinds", [KIND_SETS[0], KIND_SETS[3]], ids=lambda k: k[0])
+@pytest.mark.parametrize("limit", [0.0, 0.5, 7.0])
+def test_biased_and_clamped_expert(kinds, limit):
+    """gpt-oss's experts, whole and striped as compute workers run them (activate on a
+    slice of the intermediate, the down bias on a slice of the output)."""
+    from mer.kernels.swiglu import activate, add_down_bias, run_expert
+    from mer.models.weights import ExpertWeights
+
+    gate, up, down, rng = expert(kinds, 11)
+    bias = tuple(rng.uniform(-0.3, 0.3, size).astype(np.float32) for size in (I, I, D))
+    w = ExpertWeights(gate, up, down, bias, limit)
+    x = (rng.standard_normal((3, D)) * 2).astype(np.float32)
+    y = run_expert(w, x)
+    if limit:
+        want = clamped_reference(gate, up, down, x, bias, limit)
+    else:  # biases with the plain SwiGLU
+        xd = x.astype(np.float64)
+        g = xd @ mm.dequantize(gate).astype(np.float64).T + bias[0]
+        u = xd @ mm.dequantize(up).astype(np.float64).T + bias[1]
+        want = (g / (1 + np.exp(-g)) * u) @ mm.dequantize(down).astype(np.float64).T + bias[2]
+    assert np.allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    # striped: the intermediate in two slices, the output rows in two
+    h = np.empty((3, I), np.float32)
+    for a, b in ((0, 64), (64, I)):
+        g, u = mm.matmul(gate, x)[:, a:b].copy(), mm.matmul(up, x)[:, a:b].copy()
+        activate(w, g, u, a)
+        h[:, a:b] = g
+    out = mm.matmul(down, h)
+    for a, b in ((0, 40), (40, D)):
+        add_down_bias(w, out[:, a:b], a)
+    assert np.allclose(out, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 def test_rejects_bad_arguments():
     gate, up, down, rng = expert(("q8_0", "q8_0", "q8_0"), 3)
     x = rng.standard_normal((2, D)).astype(np.float32)

@@ -178,3 +178,39 @@ def test_unsupported_deepseek_settings(deepseek_dir, tmp_path, change, needles):
 def test_missing_deepseek_tensor_is_named(deepseek_dir, tmp_path, name):
     d = without_tensor(deepseek_dir, tmp_path / "m", name)
     assert_one_line_error(run_generate(d), name, "missing")
+
+
+@pytest.fixture(scope="module")
+def gptoss_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("gptoss")
+    save_model(build_model("gptoss-base"), directory, "f32")
+    return directory
+
+
+@pytest.mark.parametrize(
+    "change,needles",
+    [
+        ({"layer_types": ["sliding_attention", "chunked_attention"]},
+         ("layer type", "chunked_attention")),
+        ({"layer_types": ["full_attention"]}, ("layer_types", "2 layers")),
+        ({"swiglu_alpha": 1.5}, ("swiglu_alpha", "not supported")),
+        ({"swiglu_limit": -1.0}, ("swiglu_limit",)),
+    ],
+)  # fmt: skip
+def test_unsupported_gptoss_settings(gptoss_dir, tmp_path, change, needles):
+    d = with_config(gptoss_dir, tmp_path / "m", change)
+    assert_one_line_error(run_generate(d), "config.json", *needles)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "model.layers.1.self_attn.sinks",
+        "model.layers.0.mlp.router.bias",
+        "model.layers.1.mlp.experts.gate_up_proj_bias",
+        "model.layers.0.self_attn.o_proj.bias",
+    ],
+)
+def test_missing_gptoss_tensor_is_named(gptoss_dir, tmp_path, name):
+    d = without_tensor(gptoss_dir, tmp_path / "m", name)
+    assert_one_line_error(run_generate(d), name, "missing")

@@ -72,17 +72,19 @@ def test_tokens_equal_mer_generate(service_factory, small_store, workers):
     assert service.stop() == 0
 
 
-def test_deepseek_store_through_compute_workers(tmp_path):
+@pytest.mark.parametrize("name", ["deepseek3-base", "gptoss-yarn-clamp"])
+def test_newer_architectures_through_compute_workers(tmp_path, name):
     """A DeepSeek-V3 store (latent attention, a dense first layer, shared experts, routed
     experts streamed through the cache and io actors) with every product, the per-head
     latent ones and the shared experts included, on 2 compute workers: the tokens of
-    `mer generate`."""
+    `mer generate`. The same for gpt-oss, whose experts' biases and clamped SwiGLU the
+    workers apply to their stripes."""
     from mer.store.convert import convert
     from tests.service.conftest import Service
     from tests.support.hf_models import build_model, save_model
     from tests.support.tokenizers import write_tokenizer
 
-    hf = save_model(build_model("deepseek3-base", n_layers=5, seed=2), tmp_path / "hf", "f32")
+    hf = save_model(build_model(name, n_layers=5, seed=2), tmp_path / "hf", "f32")
     write_tokenizer(hf, "chatml")
     store = tmp_path / "store"
     convert(hf, store, quant="q8_0")

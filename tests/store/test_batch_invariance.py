@@ -78,10 +78,11 @@ def test_bundled_model():
     assert_invariant(mer.load_model(path))
 
 
-@pytest.mark.parametrize("name", ["deepseek3-base", "qwen2moe-base"])
+@pytest.mark.parametrize("name", ["deepseek3-base", "qwen2moe-base", "gptoss-base"])
 def test_newer_architectures(name, tmp_path):
     """DeepSeek-V3 (latent attention, its per-head products; group-limited sigmoid routing;
-    shared experts) and Qwen2-MoE (a gated shared expert, projection biases)."""
+    shared experts), Qwen2-MoE (a gated shared expert, projection biases) and gpt-oss (sinks,
+    sliding and full layers, biased experts with a clamped SwiGLU)."""
     from tests.support.hf_models import build_model, save_model
 
     path = save_model(build_model(name, n_layers=2, seed=6), tmp_path / name, "f32")

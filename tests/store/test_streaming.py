@@ -95,13 +95,15 @@ def test_safetensors_at_quarter_budget(hf_mixtral):
         "deepseek3-base",
         "deepseek2-lite",
         "qwen2moe-base",
+        "gptoss-yarn-clamp",
     ],
 )
 def test_newer_moe_architectures_at_quarter_budget(name, store_dir):
     """Qwen3-MoE and OLMoE (per-head and whole-projection q/k norms, routing weights
     renormalised or not), DeepSeek-V3 and -V2 (latent attention, a dense first layer and
     shared experts resident, the routed experts streamed), Qwen2-MoE (projection biases, a
-    gated shared expert), from safetensors and from a Q4_0
+    gated shared expert), gpt-oss (experts stored transposed with gate and up interleaved, their
+    biases resident), from safetensors and from a Q4_0
     store; a float32 store computes exactly what the safetensors do."""
     from mer.store.convert import convert
     from tests.support.hf_models import build_model, save_model

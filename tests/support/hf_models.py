@@ -222,6 +222,45 @@ CONFIGS: dict[str, dict] = {
         norm_topk_prob=True,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     ),
+    # gpt-oss: attention sinks, sliding and full layers alternating (window 8, so the long
+    # prompts leave it), projection and expert biases, the router's logit bias, the SwiGLU
+    # clamp as released
+    "gptoss-base": dict(
+        arch="gptoss",
+        hidden_size=64,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        sliding_window=8,
+        rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
+    ),
+    # gpt-oss's released YaRN (truncate false) at a tiny original context, full attention
+    # first, MQA, top-3 of 6, a clamp low enough to bite on most activations
+    "gptoss-yarn-clamp": dict(
+        arch="gptoss",
+        hidden_size=96,
+        intermediate_size=32,
+        num_attention_heads=6,
+        num_key_value_heads=1,
+        head_dim=32,
+        num_local_experts=6,
+        num_experts_per_tok=3,
+        sliding_window=16,
+        layer_types=["full_attention", "sliding_attention", "full_attention"],
+        swiglu_limit=0.4,
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 16.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+            "original_max_position_embeddings": 64,
+            "rope_theta": 150000.0,
+        },
+    ),
     "llama-llama3rope": dict(
         arch="llama",
         hidden_size=64,
@@ -277,7 +316,12 @@ def build_model(
         "olmoe": ("OlmoeConfig", "OlmoeForCausalLM"),
         "deepseek2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
         "deepseek3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+        "gptoss": ("GptOssConfig", "GptOssForCausalLM"),
     }[arch]
+    if "layer_types" in spec:  # one per layer: the spec's, repeated
+        spec["layer_types"] = [
+            spec["layer_types"][i % len(spec["layer_types"])] for i in range(n_layers)
+        ]
     config = getattr(transformers, config_cls)(**common, **spec)
     model = getattr(transformers, model_cls)(config)
     # Norm weights start at 1.0; randomise them so a mix-up of norms cannot pass unnoticed.
@@ -285,8 +329,10 @@ def build_model(
         for pname, p in model.named_parameters():
             if pname.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
-            elif pname.endswith(".bias"):  # projection biases start at zero too
+            elif pname.endswith((".bias", "_bias")):  # projection biases start at zero too
                 p.uniform_(-0.2, 0.2)
+            elif pname.endswith(".sinks"):  # gpt-oss: comparable to the attention scores
+                p.uniform_(-0.5, 1.5)
         # DeepSeek-V3's choice bias starts at zero; make it matter
         for bname, b in model.named_buffers():
             if bname.endswith("e_score_correction_bias"):
