@@ -24,6 +24,7 @@ KINDS: dict[GGMLQuantizationType, str] = {
     GGMLQuantizationType.Q4_K: "q4_k",
     GGMLQuantizationType.Q5_K: "q5_k",
     GGMLQuantizationType.Q6_K: "q6_k",
+    GGMLQuantizationType.MXFP4: "mxfp4",
 }
 GGUF_MAGIC = b"GGUF"
 

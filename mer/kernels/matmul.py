@@ -23,7 +23,8 @@ from .quantize import quantize_blocks
 from .threads import ThreadPolicy
 
 _KINDS: dict[str, ModuleType] = {
-    m.KIND: m for m in (mm_f32, mm_half.F16, mm_half.BF16, mm_q8_0, mm_q4_0, *mm_gguf.KINDS)
+    m.KIND: m
+    for m in (mm_f32, mm_half.F16, mm_half.BF16, mm_q8_0, mm_q4_0, *mm_gguf.KINDS, mm_gguf.MXFP4)
 }
 _FLOAT_DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
 _QUANT_KINDS = ("q8_0", "q4_0")

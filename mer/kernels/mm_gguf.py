@@ -1,13 +1,14 @@
 # Dimensions: B = GGUF blocks per row, U = units of 32 weights per row, S = 256-weight
 # super-blocks per row (K-quants), f = flat unit index r * U + u.
 #
-# GGUF block types whose weights are W = s * q + m per sub-block, repacked into the plane
-# layouts that mm_sb_ir decodes. Every kind keeps its quants packed: 16 nibble bytes per unit
-# (byte i = weight i | weight 16+i << 4, GGUF's Q4_1 order; the K-quants are reordered into it),
-# plus high bits as u32 words per unit, plus the scales in their GGUF width, so the planes stay
-# about GGUF-sized (decode streams them from DRAM). `parts` rebuilds integer q and float32 s, m
-# in the same order as gguf.quants, so dequantize is bit-identical; `fill` (numba) expands the
-# scales of a run of units to float32 for the kernels.
+# GGUF block types whose weights are W = s * q + m per sub-block (MXFP4: W = s * table[q]),
+# repacked into the plane layouts that mm_sb_ir decodes. Every kind keeps its quants packed:
+# 16 nibble bytes per unit (byte i = weight i | weight 16+i << 4, GGUF's Q4_1 order; the
+# K-quants are reordered into it), plus high bits as u32 words per unit, plus the scales in
+# their GGUF width, so the planes stay about GGUF-sized (decode streams them from DRAM).
+# `parts` rebuilds integer q and float32 s, m in the same order as gguf.quants, so dequantize
+# is bit-identical; `fill` (numba) expands the scales of a run of units to float32 for the
+# kernels.
 from __future__ import annotations
 
 import numpy as np
@@ -16,7 +17,7 @@ from numba.extending import overload
 
 from .mm_f32 import FM
 from .mm_half import h2f
-from .mm_sb_ir import expand8, expand16, spec_of
+from .mm_sb_ir import MXFP4_VALUES, expand8, expand16, spec_of
 from .mm_subblock import SubBlockKind, fill, half, high_bits, nibble_bytes, scales_per_unit
 
 QK_K = 256
@@ -146,7 +147,32 @@ class Q6_K(SubBlockKind):
         return cls.q(nib, qh).astype(np.int8) - np.int8(32), s, None
 
 
+class MXFP4(SubBlockKind):
+    """32 weights: u8 E8M0 exponent e, 16 nibble bytes; w = d * MXFP4_VALUES[q], d = 2^(e-128)
+    (ggml's e8m0_to_fp32_half: the values are doubled E2M1 floats, so d is half the scale).
+    Planes: nib u8 [N, 16U], e u8 [N, U] (exactly GGUF-sized)."""
+
+    KIND, BLOCK, BLOCK_BYTES = "mxfp4", 32, 17
+
+    @classmethod
+    def pack(cls, b: np.ndarray) -> tuple[np.ndarray, ...]:
+        return b[:, :, 1:].reshape(len(b), -1), b[:, :, 0]
+
+    @classmethod
+    def parts(cls, planes: tuple[np.ndarray, ...]) -> tuple:
+        nib, e = planes
+        return np.array(MXFP4_VALUES, np.int8)[cls.q(nib)], e8m0_half(e), None
+
+
+# The integer kinds; MXFP4, with its one-byte scales, is registered beside them.
 KINDS = (Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)
+
+
+def e8m0_half(e: np.ndarray) -> np.ndarray:
+    """float32 2^(e-128) of E8M0 bytes, built from its bits as ggml does (e < 2: subnormal)."""
+    e = e.astype(np.uint32)
+    bits = np.where(e < 2, np.uint32(0x00200000) << e, (e - np.uint32(1)) << np.uint32(23))
+    return bits.view(np.float32)
 
 
 def f32(h: np.ndarray) -> np.ndarray:
@@ -166,15 +192,24 @@ def _halves(d, f0, n, out):  # out[i] = d[f0 + i] as float32
         out[np.uint64(i)] = h2f(src[np.uint64(i)])  # unsigned: no wraparound code, vectorizes
 
 
+@njit(nogil=True, inline="always")
+def _e8m0(e, f0, n, out):  # out[i] = 2^(e[f0 + i] - 128), as e8m0_half
+    src, bits = e[f0 : f0 + n], out[:n].view(np.uint32)
+    for i in range(n):
+        v = np.uint32(src[np.uint64(i)])
+        sub = np.uint32(0x00200000) << (v & np.uint32(1))  # masked: no over-wide shift
+        bits[np.uint64(i)] = sub if v < 2 else (v - np.uint32(1)) << np.uint32(23)
+
+
 @overload(scales_per_unit)
 def _spu(planes):
-    spu = spec_of(planes)[3]
+    spu = spec_of(planes).spu
     return lambda planes: spu
 
 
 @overload(fill, jit_options={"fastmath": FM})
 def _fill(planes, f0, n, s, m):
-    kind = spec_of(planes)[0]
+    kind = spec_of(planes).kind
     one, neg = np.float32(1.0), np.float32(-1.0)
 
     def f16_scales(planes, f0, n, s, m):
@@ -193,4 +228,8 @@ def _fill(planes, f0, n, s, m):
     def q6_k(planes, f0, n, s, m):  # two scales per unit
         expand16(flat(planes[3]), flat(planes[2]), 2 * f0, 2 * n, s, one)
 
-    return {"q4_1": f16_scales, "q5_1": f16_scales, "q5_0": q5_0, "q6_k": q6_k}.get(kind, k_quant)
+    def mxfp4(planes, f0, n, s, m):  # no mins
+        _e8m0(flat(planes[1]), f0, n, s)
+
+    kinds = {"q4_1": f16_scales, "q5_1": f16_scales, "q5_0": q5_0, "q6_k": q6_k, "mxfp4": mxfp4}
+    return kinds.get(kind, k_quant)

@@ -14,7 +14,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .mm_sb_ir import F32, VF, ZERO, Gen, i64, spec_of, unit
+from .mm_sb_ir import F32, VF, ZERO, Gen, Spec, i64, spec_of, unit
 
 NROWS = 4  # rows per pass: they share every x load and the loop overhead
 # The dot loop prefetches one line per unit, at least a pass and PF_AHEAD bytes ahead in the
@@ -23,12 +23,13 @@ NROWS = 4  # rows per pass: they share every x load and the loop overhead
 PF_AHEAD = 4096
 
 
-def _scales(gen: Gen, spec: tuple, sb, mb, k, j) -> tuple:
-    """(s for lanes 0-15, s for lanes 16-31, m) of unit j; Q6_K has two scales and no m."""
+def _scales(gen: Gen, spec: Spec, sb, mb, k, j) -> tuple:
+    """(s for lanes 0-15, s for lanes 16-31, m) of unit j; Q6_K has two scales and no m,
+    MXFP4 one scale and no m."""
     b = gen.b
-    if spec[3] == 1:
+    if spec.spu == 1:
         s = gen.load(sb, k, j)
-        return s, s, gen.load(mb, k, j)
+        return s, s, gen.load(mb, k, j) if spec.mins else None
     j2 = b.mul(j, i64(2))
     return gen.load(sb, k, j2), gen.load(sb, k, b.add(j2, i64(1))), None
 
@@ -53,7 +54,7 @@ def _hsums(gen: Gen, vs: list) -> list:
     return [b.extract_element(v, ir.Constant(ir.IntType(32), i)) for i in range(n)]
 
 
-def _dot_codegen(spec: tuple):
+def _dot_codegen(spec: Spec):
     def codegen(context, builder, sig, args):
         gen, b = Gen(context, builder), builder
         p = gen.arrays(sig.args[0], cgutils.unpack_tuple(b, args[0]))

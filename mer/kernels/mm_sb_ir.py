@@ -5,8 +5,11 @@
 # of mm_gguf. Every kind stores a row as 16 nibble bytes per unit (byte i: weight i low,
 # weight 16+i high, GGUF's Q4_1 order), optional high-bit words and per-kind scale planes;
 # `unit` decodes one unit to two <16 x float> vectors (weights i and 16+i). The plane tuple's
-# dtypes name the kind (SPECS).
+# dtypes name the kind (SPECS). A kind with a `table` (MXFP4) maps each nibble through 16
+# values instead of taking it as the integer itself.
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import llvmlite.binding as llvm
 import numba
@@ -25,18 +28,32 @@ SIXTEEN = ir.Constant(VF, [16.0] * 16)
 # portable path.
 PERM = numba.config.CPU_NAME is None and llvm.get_host_cpu_features().get("avx512f", False)
 
-# Plane dtypes -> (kind, high bits per weight, offset subtracted from q, scales per unit).
+# MXFP4's nibbles: E2M1 floats, doubled to integers (its scales are halved to match).
+MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+
+
+class Spec(NamedTuple):
+    kind: str
+    high: int  # high bits per weight, beyond the nibble
+    offset: int  # subtracted from q
+    spu: int  # scales per unit
+    mins: bool  # whether fill writes a min per unit (W = s * q + m), else W = s * q
+    table: tuple[int, ...] | None = None  # the value of each nibble, None: the nibble itself
+
+
+# Plane dtypes -> Spec.
 SPECS = {
-    ("uint8", "uint16", "uint16"): ("q4_1", 0, 0, 1),
-    ("uint8", "uint32", "uint16"): ("q5_0", 1, 0, 1),
-    ("uint8", "uint32", "uint16", "uint16"): ("q5_1", 1, 0, 1),
-    ("uint8", "uint8", "uint8", "uint16", "uint16"): ("q4_k", 0, 0, 1),
-    ("uint8", "uint32", "uint8", "uint8", "uint16", "uint16"): ("q5_k", 1, 0, 1),
-    ("uint8", "uint32", "int8", "uint16"): ("q6_k", 2, 32, 2),
+    ("uint8", "uint16", "uint16"): Spec("q4_1", 0, 0, 1, True),
+    ("uint8", "uint32", "uint16"): Spec("q5_0", 1, 0, 1, True),
+    ("uint8", "uint32", "uint16", "uint16"): Spec("q5_1", 1, 0, 1, True),
+    ("uint8", "uint8", "uint8", "uint16", "uint16"): Spec("q4_k", 0, 0, 1, True),
+    ("uint8", "uint32", "uint8", "uint8", "uint16", "uint16"): Spec("q5_k", 1, 0, 1, True),
+    ("uint8", "uint32", "int8", "uint16"): Spec("q6_k", 2, 32, 2, False),
+    ("uint8", "uint8"): Spec("mxfp4", 0, 0, 1, False, MXFP4_VALUES),
 }
 
 
-def spec_of(planes) -> tuple | None:
+def spec_of(planes) -> Spec | None:
     """The SPECS entry of a numba plane-tuple type, None if it is not one."""
     if not isinstance(planes, types.BaseTuple) or not all(
         isinstance(p, types.Array) and p.layout == "C" for p in planes
@@ -113,10 +130,38 @@ class Gen:
         return self.call("llvm.fshr.v16i32", VI, [v, v, amounts])
 
 
-def unit(gen: Gen, spec: tuple, p: list, r, u) -> tuple:
-    """Integer weights of unit u of row r as two <16 x float> (lanes i and 16+i)."""
-    b, (_, high, offset, _) = gen.b, spec
-    v = b.zext(gen.load(p[0], r, b.mul(u, i64(16)), VB), VI)
+def lookup(gen: Gen, table: ir.Constant, idx) -> ir.Value:
+    """<16 x i8> table[idx[i]] (lanes of idx < 16), written lane by lane: the shape LLVM turns
+    into one variable byte shuffle (pshufb, tbl) on targets that have one."""
+    b, out = gen.b, ir.Constant(VB, None)
+    for i in range(16):
+        lane = ir.Constant(I32, i)
+        out = b.insert_element(out, b.extract_element(table, b.extract_element(idx, lane)), lane)
+    return out
+
+
+def _table_unit(gen: Gen, table: tuple, raw) -> tuple:
+    # vpermps reads only the low 4 index bits, so a float table turns each nibble into its
+    # value in one instruction, as for the integer kinds; elsewhere the lookup runs on the
+    # bytes themselves (16 per shuffle), then sign-extends and converts.
+    b = gen.b
+    if PERM:
+        v = b.zext(raw, VI)
+        ftable, perm = ir.Constant(VF, [float(t) for t in table]), "llvm.x86.avx512.permvar.sf.512"
+        return tuple(gen.call(perm, VF, [ftable, q]) for q in (v, b.lshr(v, vi([4] * 16))))
+    btable = ir.Constant(VB, list(table))
+    lo = b.and_(raw, ir.Constant(VB, [15] * 16))
+    hi = b.lshr(raw, ir.Constant(VB, [4] * 16))
+    return b.sitofp(lookup(gen, btable, lo), VF), b.sitofp(lookup(gen, btable, hi), VF)
+
+
+def unit(gen: Gen, spec: Spec, p: list, r, u) -> tuple:
+    """Weights of unit u of row r, before scaling, as two <16 x float> (lanes i and 16+i)."""
+    b, high, offset = gen.b, spec.high, spec.offset
+    raw = gen.load(p[0], r, b.mul(u, i64(16)), VB)
+    if spec.table is not None:
+        return _table_unit(gen, spec.table, raw)
+    v = b.zext(raw, VI)
     hi = b.lshr(v, vi([4] * 16))
     if high < 2 and PERM:
         perm = "llvm.x86.avx512.permvar.sf.512"

@@ -2,7 +2,8 @@
 # [g0, g1) = the units of the column range, nb = g1 - g0, rb = rows whose scales are expanded
 # together, RB x 32 CU = the dequantized tile of the n > SMALL_N path.
 #
-# Driver shared by the GGUF kinds of mm_gguf (W = s * q + m per sub-block of 32 or 16).
+# Driver shared by the GGUF kinds of mm_gguf (W = s * q + m per sub-block of 32 or 16; MXFP4
+# W = s * table[q], no m).
 # Layouts and scale expansion (`fill`) are per kind in mm_gguf, the vector loops in mm_sb_dot.
 # n <= SMALL_N (decode): expand the scales of rb rows to float32 (one vectorized pass over
 # contiguous planes), then decode 4 rows per pass straight from memory: packed nibbles in,
