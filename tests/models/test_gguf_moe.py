@@ -1,4 +1,4 @@
-"""Qwen3-MoE, OLMoE and DeepSeek (deepseek2) GGUF files made by llama.cpp's converter and quantizer, read by mer:
+"""Qwen3-MoE, OLMoE, DeepSeek (deepseek2) and gpt-oss GGUF files made by llama.cpp's converter and quantizer, read by mer:
 the same logits as llama.cpp (top-1, KL) and, from the F16 file, as transformers."""
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from tests.support import llamacpp
 from tests.support.hf_models import hf_logits, rel_err
 from tests.support.mixtral_gguf import CONTINUATION
 from tests.support.mixtral_gguf import prompts as text_prompts
-from tests.support.moe_gguf import KINDS
+from tests.support.moe_gguf import EXTRA_KINDS, KINDS
 
-ARCHS = ["qwen3moe", "olmoe", "deepseek2"]
+ARCHS = ["qwen3moe", "olmoe", "deepseek2", "gptoss"]
+CASES = [(arch, kind) for arch in ARCHS for kind in KINDS + EXTRA_KINDS.get(arch, [])]
 
 
 # llama.cpp rounds activations to 8 bits before each product of a quantized matrix; DeepSeek's
@@ -27,8 +28,7 @@ def prompts(model) -> list[list[int]]:
     return text_prompts(model, 48)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch,kind", CASES)
 def test_agrees_with_llamacpp(gguf_moe, arch, kind):
     _, paths = gguf_moe(arch)
     model = mer.load_model(paths[kind])
@@ -46,12 +46,28 @@ def test_agrees_with_llamacpp(gguf_moe, arch, kind):
     assert np.mean(kls) <= 0.02, [round(k, 4) for k in kls]
 
 
+def truncated_yarn(hf):
+    """A copy of gpt-oss model `hf` whose YaRN rounds the blended band of frequencies to
+    whole dimensions, as ggml's rope always does (gpt-oss's config says `truncate: false`;
+    that alone moves the logits by ~1e-3, so mer reads the GGUF file as llama.cpp runs it)."""
+    import copy
+
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
+
+    hf = copy.deepcopy(hf)
+    hf.config.rope_parameters = {**hf.config.rope_parameters, "truncate": True}
+    hf.model.rotary_emb = GptOssRotaryEmbedding(hf.config)
+    return hf
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_f16_file_agrees_with_transformers(gguf_moe, arch):
     hf, paths = gguf_moe(arch)
+    if arch == "gptoss":
+        hf = truncated_yarn(hf)
     model = mer.load_model(paths["f16"])
     layer = model.weights.layers[0]
-    assert layer.q_norm is not None or layer.mla is not None
+    assert layer.q_norm is not None or layer.mla is not None or layer.sinks is not None
     for ids in prompts(model)[:3]:
         assert rel_err(model.logits(ids), hf_logits(hf, ids)) <= 1e-3
 

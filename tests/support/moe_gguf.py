@@ -1,4 +1,4 @@
-"""Tiny Qwen3-MoE, OLMoE and DeepSeek-V3 models, trained briefly, converted and quantized by llama.cpp's own
+"""Tiny Qwen3-MoE, OLMoE, DeepSeek-V3 and gpt-oss models, trained briefly, converted and quantized by llama.cpp's own
 tools (tests/conftest.py builds each once per session).
 
 llama.cpp's converter accepts only tokenizers it recognises, so these models use the bundled
@@ -54,10 +54,33 @@ CONFIGS["deepseek2-gguf"] = dict(
     qk_rope_head_dim=32,
     v_head_dim=64,
 )
+# gpt-oss as released: sliding (here 16 positions) and full layers alternating, sinks, biases,
+# YaRN over a 4096-position original context
+CONFIGS["gptoss-gguf"] = dict(
+    arch="gptoss",
+    hidden_size=256,
+    intermediate_size=256,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    sliding_window=16,
+    rope_parameters={
+        "rope_type": "yarn",
+        "factor": 32.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "truncate": False,
+        "original_max_position_embeddings": 4096,
+        "rope_theta": 150000.0,
+    },
+)
 # what released configs say and transformers does not write back (llama.cpp's converter
 # reads the gating function from it)
 SAVED_EXTRA = {"deepseek2": {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}}
 KINDS = ["f16", "q8_0", "q4_k_m"]
+EXTRA_KINDS = {"gptoss": ["mxfp4"]}  # the experts' own block type
 
 
 def build(arch: str, root: Path, cache_dir: Path) -> tuple[object, dict[str, Path]]:
@@ -73,4 +96,4 @@ def build(arch: str, root: Path, cache_dir: Path) -> tuple[object, dict[str, Pat
     if arch in SAVED_EXTRA:
         config = json.loads((hf_dir / "config.json").read_text())
         (hf_dir / "config.json").write_text(json.dumps({**config, **SAVED_EXTRA[arch]}))
-    return hf, llamacpp.gguf_files(hf_dir, root, cache_dir, KINDS)
+    return hf, llamacpp.gguf_files(hf_dir, root, cache_dir, KINDS + EXTRA_KINDS.get(arch, []))
