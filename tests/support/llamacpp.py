@@ -59,6 +59,18 @@ def converter_script(cache: Path) -> Path:
     return next(cache.glob("*/vendor/llama.cpp/convert_hf_to_gguf.py"))
 
 
+def chat_template(cache: Path, name: str) -> str:
+    """A model's chat template as llama.cpp's sources keep it (models/templates/NAME.jinja,
+    copied from the model's own repository), read from the source distribution in `cache`."""
+    converter_script(cache)  # downloads the source distribution once
+    archive = next(cache.glob("llama_cpp_python-*.tar.gz"))
+    with tarfile.open(archive) as tar:
+        member = next(
+            m for m in tar.getmembers() if m.name.endswith(f"/models/templates/{name}.jinja")
+        )
+        return tar.extractfile(member).read().decode()
+
+
 def convert(script: Path, hf_dir: Path, out: Path, outtype: str = "f16") -> Path:
     """llama.cpp's own conversion of a Hugging Face directory to GGUF."""
     subprocess.run(

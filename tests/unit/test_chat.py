@@ -260,3 +260,52 @@ def test_template_kwargs_such_as_qwen3s_thinking_flag(dirs, tmp_path: Path, kwar
     assert text == expected
     assert ("<think>" in text) == (kwargs == {"enable_thinking": False})
     assert ours.encode_chat([USER], template_kwargs=kwargs) == ours.encode(expected, False)
+
+
+# Conversations for the templates models ship, in the shapes their templates read: a system
+# message, earlier turns with reasoning (Qwen3's reasoning_content, gpt-oss's thinking)
+SHIPPED = [
+    {"role": "system", "content": "You answer briefly."},
+    USER,
+    {
+        "role": "assistant",
+        "content": "Sunny.",
+        "reasoning_content": "Look it up.",
+        "thinking": "Look it up.",
+    },
+    {"role": "user", "content": "And tomorrow?"},
+]
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,needles",
+    [
+        ("Qwen-Qwen3-0.6B", {}, ["<|im_start|>assistant\n"]),
+        ("Qwen-Qwen3-0.6B", {"enable_thinking": False}, ["<think>\n\n</think>\n\n"]),
+        ("openai-gpt-oss-120b", {}, ["<|start|>assistant", "Reasoning: medium"]),
+        ("openai-gpt-oss-120b", {"reasoning_effort": "high"}, ["Reasoning: high"]),
+    ],
+)
+def test_templates_models_ship(pairs, request, name, kwargs, needles) -> None:
+    """Qwen3's template with its thinking flag and gpt-oss's harmony template (as their
+    repositories ship them; llama.cpp's sources keep copies) render as transformers renders
+    them, through the template variables a request passes."""
+    from tests.support import llamacpp
+
+    cache = Path(request.config.cache.mkdir("llama-cpp-src"))
+    template = llamacpp.chat_template(cache, name)
+    ours, ref = pairs["chatml"]
+    for messages in ([USER], SHIPPED):
+        text = render_template(
+            template,
+            messages,
+            bos_token=None,
+            eos_token=None,
+            add_generation_prompt=True,
+            **kwargs,
+        )
+        expected = ref.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True, **kwargs
+        )
+        assert text == expected
+        assert all(n in text for n in needles), text
