@@ -78,6 +78,23 @@ ROUTER_STD = 1.0  # standard deviation of router logits (before the skew's bias)
 
 
 @dataclass(frozen=True)
+class Latent:
+    """DeepSeek's parts (llama.cpp's deepseek2): multi-head latent attention with KV rank
+    `kv_rank` (queries compressed to `q_rank` when > 0), query heads of `nope` + `rope`
+    dimensions and value heads of `v`; `shared` experts of the routed experts' width that every
+    token goes through; the first `dense` layers with one dense FFN `dense_ffn` wide."""
+
+    kv_rank: int = 512
+    q_rank: int = 0
+    nope: int = 128
+    rope: int = 64
+    v: int = 128
+    shared: int = 2
+    dense: int = 1
+    dense_ffn: int = 10944
+
+
+@dataclass(frozen=True)
 class Shape:
     layers: int = 32
     experts: int = 8
@@ -88,6 +105,7 @@ class Shape:
     kv_heads: int = 8
     context: int = 4096
     rope_theta: float = 1e6
+    latent: Latent | None = None  # DeepSeek-shaped (deepseek2) when set
 
     def __post_init__(self) -> None:
         for name in ("layers", "experts", "top_k", "dim", "ffn", "heads", "kv_heads", "context"):
@@ -95,12 +113,26 @@ class Shape:
                 raise MerError(f"--{name.replace('_', '-')} must be at least 1")
         if not self.top_k <= self.experts:
             raise MerError("--top-k must not exceed --experts")
-        if self.dim % self.heads or self.heads % self.kv_heads or (self.dim // self.heads) % 2:
+        if self.latent is not None:
+            if self.latent.dense >= self.layers:
+                raise MerError("--layers must exceed the shape's dense first layers")
+        elif self.dim % self.heads or self.heads % self.kv_heads or (self.dim // self.heads) % 2:
             raise MerError("--dim must split into --heads even-sized heads, in whole KV groups")
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.heads
+        """The rotary dimensions of a head (DeepSeek: its rotary part)."""
+        return self.latent.rope if self.latent else self.dim // self.heads
+
+    @property
+    def arch(self) -> str:
+        return "deepseek2" if self.latent else "llama"
+
+    @property
+    def slug(self) -> str:
+        """A file name for models of this shape: readable, and distinct for distinct shapes."""
+        tag = zlib.crc32(repr(self).encode()) & 0xFFFF
+        return f"{self.arch}-{self.layers}l-{self.experts}x{self.ffn}-{self.dim}-{tag:04x}"
 
 
 SHAPES = {
@@ -114,8 +146,46 @@ SHAPES = {
     "qwen3-30b-a3b-4l": Shape(
         layers=4, experts=128, top_k=8, dim=2048, ffn=768, heads=32, kv_heads=4, context=4096
     ),
+    # DeepSeek-V2-Lite (15.7B): latent attention (KV rank 512, no query compression, 16 heads
+    # of 128 + 64), 64 experts of 1408 top-6, 2 shared experts, a dense first layer
+    "deepseek-v2-lite": Shape(
+        layers=27,
+        experts=64,
+        top_k=6,
+        dim=2048,
+        ffn=1408,
+        heads=16,
+        kv_heads=1,
+        context=4096,
+        rope_theta=10000.0,
+        latent=Latent(),
+    ),
+    "deepseek-v2-lite-4l": Shape(
+        layers=4,
+        experts=64,
+        top_k=6,
+        dim=2048,
+        ffn=1408,
+        heads=16,
+        kv_heads=1,
+        context=4096,
+        rope_theta=10000.0,
+        latent=Latent(),
+    ),
     "small": Shape(layers=8, experts=8, dim=512, ffn=1024, heads=8, kv_heads=2, context=2048),
     "tiny": Shape(layers=2, experts=4, dim=256, ffn=512, heads=4, kv_heads=2, context=512),
+    "tiny-deepseek": Shape(
+        layers=3,
+        experts=8,
+        top_k=2,
+        dim=256,
+        ffn=256,
+        heads=4,
+        kv_heads=1,
+        context=512,
+        rope_theta=10000.0,
+        latent=Latent(kv_rank=128, q_rank=96, nope=32, rope=32, v=64, shared=1, dense_ffn=512),
+    ),
 }
 
 # Block type per tensor class for each quantization.
@@ -338,11 +408,7 @@ def _tensors(shape: Shape, quant: str, knobs: Knobs, vocab: int) -> Iterator[_Te
 
         return make
 
-    yield _Tensor("token_embd.weight", (vocab, d), types["embed"], embed)
-    for layer in range(s.layers):
-        p = f"blk.{layer}."
-        yield _Tensor(p + "attn_norm.weight", (d,), Q.F32, norm(plan.attn_in[layer]))
-
+    def llama_attention(layer: int, p: str) -> Iterator[_Tensor]:
         def qk(rows: int, which: str, layer=layer) -> Callable[[], np.ndarray]:
             def make() -> np.ndarray:
                 w = rng(layer, which).standard_normal((rows, d), dtype=np.float32)
@@ -379,7 +445,90 @@ def _tensors(shape: Shape, quant: str, knobs: Knobs, vocab: int) -> Iterator[_Te
                 zero_rows=(CHANNEL,),
             ),
         )
+
+    def blocks(name: str, rows: int, cols: int, kind: str, std: float, *key, zero=()):
+        def make() -> np.ndarray:
+            return _random_blocks(types[kind], rows, cols, std, rng(*key), zero_rows=zero)
+
+        return _Tensor(name, (rows, cols), types[kind], make)
+
+    def latent_attention(layer: int, p: str) -> Iterator[_Tensor]:
+        # DeepSeek's latent attention on content alone: the queries' and keys' weights are
+        # small, so each head spreads its attention over the past (the channel is not read:
+        # stickiness does not apply), and the output adds what the plan says at unit weights.
+        m, h = s.latent, s.heads
+        qd = h * (m.nope + m.rope)
+        ones = lambda n: lambda: np.ones(n, np.float32)  # noqa: E731
+        if m.q_rank:
+            yield blocks(p + "attn_q_a.weight", m.q_rank, d, "qk", d**-0.5, layer, "q_a")
+            yield _Tensor(p + "attn_q_a_norm.weight", (m.q_rank,), Q.F32, ones(m.q_rank))
+            yield blocks(p + "attn_q_b.weight", qd, m.q_rank, "qk", 0.1 / m.q_rank**0.5, layer, "q")
+        else:
+            yield blocks(p + "attn_q.weight", qd, d, "qk", 0.1 / d**0.5, layer, "q")
+        kv = m.kv_rank + m.rope
+        yield blocks(
+            p + "attn_kv_a_mqa.weight", kv, d, "qk", d**-0.5, layer, "kv_a", zero=(CHANNEL,)
+        )
+        yield _Tensor(p + "attn_kv_a_norm.weight", (m.kv_rank,), Q.F32, ones(m.kv_rank))
+
+        def per_head(which: str, rows: int, cols: int, std: float, layer=layer):
+            def make() -> np.ndarray:
+                return np.stack(
+                    [
+                        _random_blocks(types["v"], rows, cols, std, rng(layer, which, j))
+                        for j in range(h)
+                    ]
+                )
+
+            return _Tensor(p + f"attn_{which}.weight", (h, rows, cols), types["v"], make)
+
+        yield per_head("k_b", m.kv_rank, m.nope, 0.1 / m.nope**0.5)
+        yield per_head("v_b", m.v, m.kv_rank, m.kv_rank**-0.5)
+        yield blocks(
+            p + "attn_output.weight",
+            d,
+            h * m.v,
+            "o",
+            math.sqrt(plan.attn_added[layer]) / math.sqrt(h * m.v),
+            layer,
+            "o",
+            zero=(CHANNEL,),
+        )
+
+    def dense_ffn(layer: int, p: str, suffix: str, width: int, gain: float) -> Iterator[_Tensor]:
+        """One SwiGLU FFN `width` wide (a dense layer's, or the shared experts')."""
+        yield blocks(
+            f"{p}ffn_gate{suffix}.weight", width, d, "experts", d**-0.5, layer, "g" + suffix
+        )
+        yield blocks(f"{p}ffn_up{suffix}.weight", width, d, "experts", d**-0.5, layer, "u" + suffix)
+        yield blocks(
+            f"{p}ffn_down{suffix}.weight",
+            d,
+            width,
+            "down",
+            gain / math.sqrt(width),
+            layer,
+            "d" + suffix,
+            zero=(CHANNEL,),
+        )
+
+    yield _Tensor("token_embd.weight", (vocab, d), types["embed"], embed)
+    for layer in range(s.layers):
+        p = f"blk.{layer}."
+        yield _Tensor(p + "attn_norm.weight", (d,), Q.F32, norm(plan.attn_in[layer]))
+
+        if s.latent is None:
+            yield from llama_attention(layer, p)
+        else:
+            yield from latent_attention(layer, p)
         yield _Tensor(p + "ffn_norm.weight", (d,), Q.F32, norm(plan.ffn_in[layer]))
+        if s.latent is not None and layer < s.latent.dense:
+            # one FFN instead of the experts, as much output as the chosen experts give
+            yield from dense_ffn(layer, p, "", s.latent.dense_ffn, down_gain / math.sqrt(s.top_k))
+            continue
+        if s.latent is not None and s.latent.shared:
+            width = s.latent.shared * f
+            yield from dense_ffn(layer, p, "_shexp", width, down_gain / math.sqrt(s.top_k))
 
         def router(layer=layer) -> np.ndarray:
             g = rng(layer, "router")
@@ -467,14 +616,32 @@ def write_gguf(
         raise MerError(f"--quant {quant!r}: choose one of {', '.join(QUANTS)}")
     vocab_fields, vocab = _vocabulary(vocabulary_from)
     tensors = list(_tensors(shape, quant, knobs, vocab))
-    writer = gguf.GGUFWriter(path, "llama")
+    arch = shape.arch
+    writer = gguf.GGUFWriter(path, arch)
     writer.add_name(f"mer synth {shape.layers}x{shape.experts} {quant}")
     writer.add_context_length(shape.context)
     writer.add_embedding_length(shape.dim)
     writer.add_block_count(shape.layers)
-    writer.add_feed_forward_length(shape.ffn)
     writer.add_head_count(shape.heads)
-    writer.add_head_count_kv(shape.kv_heads)
+    m = shape.latent
+    if m is None:
+        writer.add_feed_forward_length(shape.ffn)
+        writer.add_head_count_kv(shape.kv_heads)
+    else:  # as llama.cpp's converter writes DeepSeek: one KV head of latent + rotary key
+        writer.add_feed_forward_length(m.dense_ffn)
+        writer.add_expert_feed_forward_length(shape.ffn)
+        writer.add_head_count_kv(1)
+        writer.add_key_length(m.kv_rank + m.rope)
+        writer.add_value_length(m.kv_rank)
+        writer.add_uint32(f"{arch}.attention.key_length_mla", m.nope + m.rope)
+        writer.add_uint32(f"{arch}.attention.value_length_mla", m.v)
+        writer.add_kv_lora_rank(m.kv_rank)
+        writer.add_q_lora_rank(m.q_rank)
+        writer.add_leading_dense_block_count(m.dense)
+        writer.add_expert_shared_count(m.shared)
+        writer.add_expert_weights_scale(1.0)
+        writer.add_expert_weights_norm(True)
+        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
     writer.add_rope_freq_base(shape.rope_theta)
     writer.add_rope_dimension_count(shape.head_dim)
     writer.add_layer_norm_rms_eps(1e-5)

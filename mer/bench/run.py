@@ -14,6 +14,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from mer.bench import scenarios as sc
@@ -45,9 +46,7 @@ def run(p: sc.Plan, out: Path, log: Callable[[str], None]) -> dict:
 
                 models[name] = resolve_model(None)
             else:
-                models[name] = sc.synth(
-                    p.workdir / f"{shape.layers}l-{quant}.gguf", shape, quant, log
-                )
+                models[name] = sc.synth(p.workdir / f"{shape.slug}-{quant}.gguf", shape, quant, log)
         run_rounds(
             sc.ram_configs(p, models, ids),
             results,
@@ -58,8 +57,9 @@ def run(p: sc.Plan, out: Path, log: Callable[[str], None]) -> dict:
         )
         report["ram_models"] = {name: str(path) for name, path in models.items()}
     if {"disk", "convert"} & set(p.scenarios):
-        gguf = sc.synth(p.workdir / f"disk-{p.disk_quant}.gguf", p.disk_shape, p.disk_quant, log)
-        store = p.workdir / f"disk-{p.disk_quant}-store"
+        stem = f"disk-{p.disk_shape.slug}-{p.disk_quant}"
+        gguf = sc.synth(p.workdir / f"{stem}.gguf", p.disk_shape, p.disk_quant, log)
+        store = p.workdir / f"{stem}-store"
         if "convert" in p.scenarios or not store.exists():
             report["convert"] = sc.convert_capped(p, gguf, store, log)
         report["disk_model_bytes"] = gguf.stat().st_size
@@ -192,7 +192,11 @@ def resident_compute_s(p: sc.Plan, fig: dict) -> float | None:
     if resident:
         return _median(resident, "decode_s_per_token")
     for name, shape, quant in p.ram_models:
-        if shape is not None and shape.dim == p.disk_shape.dim and quant == p.disk_quant:
+        if (
+            shape is not None
+            and replace(shape, layers=p.disk_shape.layers) == p.disk_shape
+            and quant == p.disk_quant
+        ):
             s = _median(fig["ram"].get(f"{name} | mer"), "decode_tok_s")
             return p.disk_shape.layers / shape.layers / s if s else None
     return None

@@ -75,7 +75,10 @@ def plan(
     cap_bytes: int | None,
     trials: int,
     scenarios: tuple[str, ...],
+    disk_shape: str = "mixtral-8x7b",
 ) -> Plan:
+    """The plan of a run; `disk_shape` names the larger-than-memory model's shape (SHAPES),
+    whose cache budgets are a quarter, a half and three quarters of the memory cap."""
     if quick:
         return Plan(
             quick=True,
@@ -96,13 +99,14 @@ def plan(
             disk_shape=QUICK_DISK,
             scenarios=scenarios,
         )
+    cap = cap_bytes or 8 * GiB
     return Plan(
         quick=False,
         workdir=workdir,
         threads=threads,
-        cap_bytes=cap_bytes or 8 * GiB,
-        budgets=(2 * GiB, 4 * GiB, 6 * GiB),
-        main_budget=6 * GiB,
+        cap_bytes=cap,
+        budgets=(cap // 4, cap // 2, cap * 3 // 4),
+        main_budget=cap * 3 // 4,
         min_clean=trials,
         max_rounds=trials + 4,
         clean=0.05,
@@ -115,7 +119,10 @@ def plan(
             ("Mixtral-shaped 4 layers Q4_K_M-style", SHAPES["mixtral-4l"], "q4_k_m"),
             # many small experts: 128 per layer, top-8, 768-wide
             ("Qwen3-30B-A3B-shaped 4 layers Q4_0", SHAPES["qwen3-30b-a3b-4l"], "q4_0"),
+            # latent attention, 64 experts top-6, shared experts, a dense first layer
+            ("DeepSeek-V2-Lite-shaped 4 layers Q4_0", SHAPES["deepseek-v2-lite-4l"], "q4_0"),
         ),
+        disk_shape=SHAPES[disk_shape],
         scenarios=scenarios,
     )
 

@@ -14,14 +14,17 @@ SCENARIOS = ("ram", "disk", "convert")
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
+    from mer.synth import SHAPES
+
     p = sub.add_parser(
         "bench",
         help="measure mer against llama.cpp in RAM and larger than memory (a Markdown table, "
         "JSON and plots)",
         description="Every scenario runs both engines in one run, alternating, with the same "
         "threads, until each has enough trials during which other processes left the CPUs "
-        "alone. The larger-than-memory model (Mixtral-8x7B-shaped, 24.6 GiB) and the in-RAM "
-        "ones are made by `mer synth` into --workdir the first time.",
+        "alone. The larger-than-memory model (Mixtral-8x7B-shaped, 24.6 GiB, unless "
+        "--disk-shape says otherwise) and the in-RAM ones are made by `mer synth` into "
+        "--workdir the first time.",
     )
     p.add_argument(
         "--quick",
@@ -47,6 +50,13 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         type=parse_size,
         help="memory cap of the larger-than-memory scenario (default: 8G; quick: 1.5G)",
     )
+    p.add_argument(
+        "--disk-shape",
+        choices=sorted(SHAPES),
+        default="mixtral-8x7b",
+        help="shape of the larger-than-memory model (mer synth's presets: qwen3-30b-a3b for "
+        "many small experts, deepseek-v2-lite for latent attention and shared experts)",
+    )
     p.add_argument("--threads", type=whole(1), help="threads of both engines (default: all cores)")
     p.add_argument("--trials", type=whole(1), default=3, help="clean trials per configuration")
     p.set_defaults(run=run_bench)
@@ -70,7 +80,15 @@ def run_bench(opts: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="mer-bench-")) if opts.quick else Path(opts.workdir)
     out = Path(opts.out or f"bench-results/{time.strftime('%Y%m%d-%H%M%S')}")
     try:
-        p = plan(opts.quick, workdir, threads, opts.memory_cap, opts.trials, tuple(opts.scenarios))
+        p = plan(
+            opts.quick,
+            workdir,
+            threads,
+            opts.memory_cap,
+            opts.trials,
+            tuple(opts.scenarios),
+            opts.disk_shape,
+        )
     except ValueError as err:
         raise FlagError(str(err)) from None
 

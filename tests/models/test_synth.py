@@ -66,6 +66,40 @@ def test_other_block_types_load_in_both_engines(tmp_path, quant):
     assert np.isfinite(np.array(llm.scores[: len(ids)])).all()
 
 
+def test_deepseek_shape(tmp_path):
+    """A DeepSeek-shaped model (llama.cpp's deepseek2: latent attention with compressed
+    queries, a dense first layer, a shared expert): llama.cpp loads it and computes what mer
+    computes; mer gives the same logits from its store, streamed."""
+    import llama_cpp
+
+    from mer.store.convert import convert
+
+    path = tmp_path / "ds.gguf"
+    shape = SHAPES["tiny-deepseek"]
+    assert write_gguf(path, shape, "q8_0", Knobs(), resolve_model(None)) == synth_size(
+        shape, "q8_0", resolve_model(None)
+    )
+    model = mer.load_model(path)
+    a = model.args
+    assert (a.arch, a.kv_lora_rank, a.q_lora_rank, a.first_dense_layers) == (
+        "deepseek2",
+        128,
+        96,
+        1,
+    )
+    assert a.shared_ffn_dim == shape.ffn and a.n_experts == shape.experts
+    ids = model.tokenizer.encode(TEXT)
+    ours = model.logits(ids)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)])
+    assert np.isfinite(ours).all() and 0.1 < ours.std() < 100
+    assert np.corrcoef(theirs.ravel(), ours.ravel())[0, 1] > 0.99
+    convert(path, tmp_path / "store")
+    with mer.load_model(tmp_path / "store", cache_bytes=1 << 20) as streamed:
+        np.testing.assert_array_equal(streamed.logits(ids), ours)
+
+
 def test_size_is_known_before_writing(tmp_path):
     path = tmp_path / "m.gguf"
     written = write_gguf(path, SHAPES["tiny"], "q4_0", Knobs(), resolve_model(None))
