@@ -8,6 +8,8 @@ same run with the same number of threads (NumPy sum over a 1 GiB float32 array, 
 across that many Python threads; NumPy releases the GIL).
 
     python bench/kernels.py [--threads 1,2] [--repeat 15] [--kinds f32,q4_0] [--pool 512]
+
+Kinds beyond q8_0 and q4_0 (mxfp4: gpt-oss's experts) are quantized by gguf.quants.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from mer.kernels import matmul as mm
 
 SHAPES = {"gate": (14336, 4096), "down": (4096, 14336)}
-KINDS = ["f32", "f16", "bf16", "q8_0", "q4_0"]
+KINDS = ["f32", "f16", "bf16", "q8_0", "q4_0", "mxfp4"]
 
 
 def read_bandwidth(threads: int, repeat: int) -> float:
@@ -52,8 +54,14 @@ def make_weights(kind: str, rows: int, cols: int, pool_bytes: int) -> list[mm.Pa
         w = mm.pack_float(a.astype(np.float16), "f16")
     elif kind == "bf16":
         w = mm.pack_float((a.view(np.uint32) >> 16).astype(np.uint16), "bf16")
-    else:
+    elif kind in ("q8_0", "q4_0"):
         w = mm.quantize(a, kind)
+    else:  # other GGUF block types, made by llama.cpp's own Python package
+        from gguf import GGMLQuantizationType
+        from gguf.quants import quantize
+
+        blocks = quantize(a, GGMLQuantizationType[kind.upper()])
+        w = mm.from_gguf_blocks(blocks.reshape(-1), kind, rows, cols)
     del a
     copies = max(2, -(-pool_bytes // w.nbytes))
     return [w] + [
