@@ -117,14 +117,22 @@ class SafetensorsDir:
 
         With `shape`, a mismatch is an error naming the tensor and both shapes.
         """
+        return self._view(name, shape, _DTYPES)
+
+    def get_bytes(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """A read-only uint8 view of tensor `name`, which must be stored as U8 (packed
+        quantized weights, e.g. MXFP4 blocks and their exponents)."""
+        return self._view(name, shape, {"U8": (np.dtype(np.uint8), "u8")})[0]
+
+    def _view(self, name: str, shape, dtypes) -> tuple[np.ndarray, str]:
         ref = self.ref(name)
-        if ref.dtype not in _DTYPES:
+        if ref.dtype not in dtypes:
             raise ModelFormatError(f"{ref.file}: tensor {name} has unsupported dtype {ref.dtype}")
         if shape is not None and tuple(shape) != ref.shape:
             raise ModelFormatError(
                 f"{ref.file}: tensor {name} has shape {list(ref.shape)}, expected {list(shape)}"
             )
-        np_dtype, kind = _DTYPES[ref.dtype]
+        np_dtype, kind = dtypes[ref.dtype]
         mm = self._maps.get(ref.file)
         if mm is None:
             mm = np.memmap(ref.file, dtype=np.uint8, mode="r")

@@ -15,6 +15,12 @@ transformers keeps each layer's experts stacked and transposed: `mlp.experts.gat
 `gate_up_proj_bias` [E, 2I] (alternating too) and `down_proj_bias` [E, D]. Each expert
 matrix is read in that layout (`weights.arrange`), so an expert streams straight from the
 safetensors file; a store holds them in the kernels' own layout.
+
+OpenAI publishes the experts in MXFP4 instead: `gate_up_proj_blocks` [E, 2I, D/32, 16]
+(gate and up in alternate rows) with their exponents `gate_up_proj_scales` [E, 2I, D/32],
+and `down_proj_blocks` [E, D, I/32, 16] with `down_proj_scales`. Those become GGUF MXFP4
+blocks on packing (`weights.openai_mxfp4`: the same values, another nibble order), no
+rounding involved.
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ def args_from_config(config: dict[str, Any], source: str) -> ModelArgs:
     unknown = sorted({k for k in kinds if k not in _LAYER_TYPES}, key=str)
     if unknown:
         raise ModelFormatError(f"{source}: layer type {unknown[0]!r} is not supported")
+    method = (config.get("quantization_config") or {}).get("quant_method", "mxfp4")
+    if method != "mxfp4":
+        raise ModelFormatError(f"{source}: quantization {method!r} is not supported (only mxfp4)")
     alpha = float(config.get("swiglu_alpha", ALPHA))
     if alpha != ALPHA:
         raise ModelFormatError(f"{source}: swiglu_alpha {alpha} is not supported (only {ALPHA})")
@@ -77,11 +86,23 @@ def ffn_tensors(src: SafetensorsDir, args: ModelArgs, layer: int):
     (stored array, kind, layout) for `weights.arrange`."""
     p = f"model.layers.{layer}.mlp."
     d, i, n = args.dim, args.ffn_dim, args.n_experts
-    if src.has(p + "experts.gate_up_proj_blocks"):
-        raise ModelFormatError(
-            f"{src.root}: MXFP4-packed experts (gate_up_proj_blocks): convert the model to GGUF "
-            "with llama.cpp's converter, or load a bfloat16 copy"
-        )
+    if src.has(p + "experts.gate_up_proj_blocks"):  # as OpenAI publishes gpt-oss
+        if d % 32 or i % 32:
+            raise ModelFormatError(f"{src.root}: MXFP4 experts need widths divisible by 32")
+        e = p + "experts."
+        gate_up = src.get_bytes(e + "gate_up_proj_blocks", (n, 2 * i, d // 32, 16))
+        gate_up_e = src.get_bytes(e + "gate_up_proj_scales", (n, 2 * i, d // 32))
+        down = src.get_bytes(e + "down_proj_blocks", (n, d, i // 32, 16))
+        down_e = src.get_bytes(e + "down_proj_scales", (n, d, i // 32))
+        triples = [
+            (
+                (gate_up[x], "mxfp4", "even_rows", gate_up_e[x]),
+                (gate_up[x], "mxfp4", "odd_rows", gate_up_e[x]),
+                (down[x], "mxfp4", "rows", down_e[x]),
+            )
+            for x in range(n)
+        ]
+        return p + "router.weight", triples
     gate_up, gu_kind = src.get(p + "experts.gate_up_proj", (n, d, 2 * i))
     down, down_kind = src.get(p + "experts.down_proj", (n, i, d))
     triples = [

@@ -15,7 +15,7 @@ import numpy as np
 from mer.errors import ModelFormatError
 from mer.io.raw import to_float32
 from mer.io.safetensors import SafetensorsDir
-from mer.kernels.matmul import PackedWeight, pack_float, quantize
+from mer.kernels.matmul import PackedWeight, from_gguf_blocks, pack_float, quantize, requantize
 from mer.models import deepseek, gptoss, llama, mixtral, olmoe, qwen2moe, qwen3moe
 from mer.models.args import ModelArgs
 from mer.models.weights import (
@@ -26,6 +26,8 @@ from mer.models.weights import (
     MLAWeights,
     ModelWeights,
     arrange,
+    mxfp4_rows,
+    openai_mxfp4,
 )
 
 # each names its config (args_from_config), its routed FFN (ffn_tensors) and optionally an
@@ -113,9 +115,12 @@ class _Loader:
         return pack_float(arr, kind)
 
     def expert_matrix(
-        self, arr: np.ndarray, kind: str, layout: str = "rows"
+        self, arr: np.ndarray, kind: str, layout: str = "rows", exponents: np.ndarray | None = None
     ) -> PackedWeight | MatrixSpec:
-        """Expert matrix held by stored array `arr` in `layout` (weights.LAYOUTS)."""
+        """Expert matrix held by stored array `arr` in `layout` (weights.LAYOUTS), or with
+        `exponents` by OpenAI's MXFP4 blocks `arr` [rows, nb, 16] (weights.MXFP4_LAYOUTS)."""
+        if exponents is not None:
+            return self.mxfp4_matrix(arr, layout, exponents)
         if self.stream:
             if not arr.flags.c_contiguous:
                 raise ModelFormatError(f"{self.src.root}: an expert matrix is not contiguous")
@@ -125,6 +130,25 @@ class _Loader:
                 file, offset, arr.nbytes, kind, rows, cols, quant=self.quant, layout=layout
             )
         return self.resident_matrix(arrange(arr, layout), kind)
+
+    def mxfp4_matrix(self, blocks: np.ndarray, layout: str, exponents: np.ndarray):
+        rows = blocks.shape[0] // (1 if layout == "rows" else 2)
+        cols = blocks.shape[1] * 32
+        if self.stream:
+            file, offset = self.src.locate(blocks)
+            return MatrixSpec(
+                file,
+                offset,
+                blocks.nbytes,
+                "mxfp4",
+                rows,
+                cols,
+                quant=self.quant,
+                layout=layout,
+                exponents=exponents,
+            )
+        raw = openai_mxfp4(mxfp4_rows(blocks, layout), mxfp4_rows(exponents, layout))
+        return requantize(from_gguf_blocks(raw.reshape(-1), "mxfp4", rows, cols), self.quant)
 
     def resident_matrix(self, arr: np.ndarray, kind: str) -> PackedWeight:
         if self.quant is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,32 @@ def arrange(stored: np.ndarray, layout: str) -> np.ndarray:
 
 _DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
 
+# MXFP4 as OpenAI publishes it (gpt-oss's safetensors): per row, blocks [nb, 16] of nibbles
+# (byte j: weight 2j low, 2j + 1 high) and one E8M0 exponent per block in a tensor apart; the
+# rows of a matrix are all of them ("rows") or, for gate and up stored interleaved, the even
+# or odd ones ("even_rows", "odd_rows").
+MXFP4_LAYOUTS = ("rows", "even_rows", "odd_rows")
+
+
+def mxfp4_rows(stored: np.ndarray, layout: str) -> np.ndarray:
+    """The rows of `stored` (first axis) that hold a matrix in MXFP4 `layout`."""
+    return stored if layout == "rows" else stored[layout == "odd_rows" :: 2]
+
+
+def openai_mxfp4(blocks: np.ndarray, exponents: np.ndarray) -> np.ndarray:
+    """GGUF MXFP4 blocks uint8 [R, nb * 17] of OpenAI's packing: blocks uint8 [R, nb, 16],
+    exponents uint8 [R, nb]. The values and exponents mean the same in both (ggml's table is
+    OpenAI's E2M1 values doubled, its scale 2^(e - 128) half of 2^(e - 127)); only the
+    nibble order differs (GGUF: byte i holds weight i low and weight 16 + i high)."""
+    r, nb = exponents.shape
+    nib = np.empty((r, nb, 32), np.uint8)
+    nib[..., 0::2] = blocks & 0x0F
+    nib[..., 1::2] = blocks >> 4
+    out = np.empty((r, nb, 17), np.uint8)
+    out[..., 0] = exponents
+    out[..., 1:] = nib[..., :16] | (nib[..., 16:] << 4)
+    return out.reshape(r, nb * 17)
+
 
 @dataclass(frozen=True)
 class MatrixSpec:
@@ -69,11 +95,18 @@ class MatrixSpec:
     cols: int
     quant: str | None = None
     layout: str = "rows"
+    # OpenAI's MXFP4 (kind "mxfp4"): the bytes are the stored rows' nibble blocks, and these
+    # are their exponents (a view of the file's, read on packing)
+    exponents: np.ndarray | None = field(default=None, compare=False)
 
     def pack(self, raw: np.ndarray) -> PackedWeight:
         """A PackedWeight from this matrix's bytes `raw` (uint8); float kinds in "rows" layout
         stay views."""
-        if self.layout != "rows":
+        if self.exponents is not None:
+            blocks = raw.reshape(-1, self.cols // 32, 16)
+            rows = mxfp4_rows(blocks, self.layout), mxfp4_rows(self.exponents, self.layout)
+            raw = openai_mxfp4(*rows).reshape(-1)
+        elif self.layout != "rows":
             shape = stored_shape(self.layout, self.rows, self.cols)
             stored = raw.view(_DTYPES[self.kind]).reshape(shape)
             raw = arrange(stored, self.layout).view(np.uint8).reshape(-1)
