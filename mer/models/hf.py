@@ -156,7 +156,7 @@ class _Loader:
         return quantize(np.ascontiguousarray(to_float32(arr, kind)), self.quant)
 
     def expert(self, triple) -> ExpertWeights | tuple[MatrixSpec, ...]:
-        """Each part is (stored array, kind) or (stored array, kind, layout)."""
+        """Each part is (stored array, kind[, layout[, MXFP4 exponents]]) (expert_matrix)."""
         parts = tuple(self.expert_matrix(*part) for part in triple)
         return parts if self.stream else ExpertWeights(*parts)
 
