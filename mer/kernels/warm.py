@@ -22,7 +22,7 @@ from mer.kernels.mm_f32 import SMALL_N
 from mer.kernels.rmsnorm import rmsnorm
 from mer.kernels.rope import apply_rope, rope_tables
 from mer.kernels.router import route
-from mer.kernels.swiglu import _silu_mul
+from mer.kernels.swiglu import _silu_mul, activate
 from mer.models.args import ModelArgs
 from mer.models.weights import ExpertWeights, ModelWeights
 
@@ -68,6 +68,12 @@ def warm_up(
                 kernel.run(w.planes, x, out, 0, rows, 0, w.cols, 0, 0, nt, batch_invariant())
     for n in (1, _BATCH):
         _silu_mul(np.zeros((n, 4), np.float32), np.zeros((n, 4), np.float32))
+        if args.expert_bias:  # gpt-oss's biased, clamped SwiGLU
+            zero = np.zeros(4, np.float32)
+            g, u = np.zeros((n, 4), np.float32), np.zeros((n, 4), np.float32)
+            activate(
+                ExpertWeights(None, None, None, (zero, zero, zero), args.swiglu_limit), g, u, 0
+            )
         if matrices_only:
             continue
         h = np.zeros((n, args.dim), np.float32)
