@@ -115,3 +115,35 @@ def test_qwen2moe_file_agrees_with_transformers_and_llamacpp(tmp_path, request):
         assert rel_err(got, hf_logits(hf, ids)) <= 1e-3
         top1, kl = llamacpp.agreement(got, llamacpp.logits(llm, ids))
         assert top1 >= 0.97 and kl <= 1e-3, (top1, kl)
+
+
+def test_gptoss_file_errors_and_window_patterns(gguf_moe, tmp_path):
+    """A gpt-oss file missing its sinks or an expert bias, or whose per-layer window flags do
+    not cover the layers, is a one-line error naming it; flags that do are read per layer."""
+    import gguf
+
+    from mer.errors import ModelFormatError
+    from tests.support.gguf_files import rewrite
+
+    _, paths = gguf_moe("gptoss")
+    src = paths["q8_0"]
+
+    def without(name: str):
+        def drop(tensor, data, qtype):
+            if tensor != name:
+                yield tensor, data, qtype
+
+        return drop
+
+    for name in ("blk.1.attn_sinks.weight", "blk.0.ffn_down_exps.bias"):
+        bad = rewrite(src, tmp_path / "bad.gguf", tensors=without(name))
+        with pytest.raises(ModelFormatError, match=f"{name} is missing"):
+            mer.load_model(bad)
+    # llama.cpp's converter writes no pattern: every other layer slides, from the first
+    assert mer.load_model(src).args.full_attention_layers == (1,)
+    key = "gpt-oss.attention.sliding_window_pattern"
+    assert key not in gguf.GGUFReader(src).fields
+    flags = rewrite(src, tmp_path / "flags.gguf", meta={key: [False, True]})  # full, sliding
+    with pytest.raises(ModelFormatError, match="sliding_window_pattern"):
+        mer.load_model(rewrite(src, tmp_path / "short.gguf", meta={key: [True]}))
+    assert mer.load_model(flags).args.full_attention_layers == (0,)

@@ -21,7 +21,7 @@ def rewrite(
 ) -> Path:
     """Copy src to dst with metadata values replaced (or added) by `meta` and each tensor
     passed through `tensors(name, raw data, type)`, which yields the (name, data, type)
-    triples to write. An added key is a uint32, float32 or string by its value's type."""
+    triples to write. An added key is a uint32, float32, string or array by its value's type."""
     reader = gguf.GGUFReader(src)
     meta = meta or {}
     arch = meta.get("general.architecture", reader.fields["general.architecture"].contents())
@@ -36,7 +36,11 @@ def rewrite(
             writer.add_key_value(name, value, vtype)
     added = {int: gguf.GGUFValueType.UINT32, float: gguf.GGUFValueType.FLOAT32}
     for name, value in meta.items():
-        if name not in reader.fields:
+        if name in reader.fields:
+            continue
+        if isinstance(value, list):  # an array, its element type inferred
+            writer.add_array(name, value)
+        else:
             writer.add_key_value(name, value, added.get(type(value), gguf.GGUFValueType.STRING))
     for t in reader.tensors:
         for name, data, qtype in tensors(t.name, np.array(t.data), t.tensor_type):
