@@ -43,27 +43,31 @@ _LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
 def args_from_config(config: dict[str, Any], source: str) -> ModelArgs:
-    n_layers = int(config.get("num_hidden_layers") or 0)
+    # the generic reader refuses projection biases: this model's are read below
+    args = args_from_hf({**config, "attention_bias": False}, "gptoss", source)
     kinds = config.get("layer_types") or [
-        _LAYER_TYPES[i % 2] for i in range(n_layers)
+        _LAYER_TYPES[i % 2] for i in range(args.n_layers)
     ]  # transformers' default
-    if not isinstance(kinds, list) or len(kinds) != n_layers:
-        raise ModelFormatError(f"{source}: layer_types must name each of the {n_layers} layers")
-    unknown = sorted({k for k in kinds if k not in _LAYER_TYPES}, key=str)
+    if not isinstance(kinds, list) or len(kinds) != args.n_layers:
+        raise ModelFormatError(
+            f"{source}: layer_types must name each of the {args.n_layers} layers"
+        )
+    unknown = [k for k in kinds if k not in _LAYER_TYPES]
     if unknown:
         raise ModelFormatError(f"{source}: layer type {unknown[0]!r} is not supported")
-    method = (config.get("quantization_config") or {}).get("quant_method", "mxfp4")
+    quant = config.get("quantization_config") or {}
+    method = quant.get("quant_method", "mxfp4") if isinstance(quant, dict) else quant
     if method != "mxfp4":
         raise ModelFormatError(f"{source}: quantization {method!r} is not supported (only mxfp4)")
-    alpha = float(config.get("swiglu_alpha", ALPHA))
+    try:
+        alpha = float(config.get("swiglu_alpha", ALPHA))
+        limit = float(config.get("swiglu_limit", 7.0))
+    except (TypeError, ValueError) as err:
+        raise ModelFormatError(f"{source}: bad value ({err})") from None
     if alpha != ALPHA:
         raise ModelFormatError(f"{source}: swiglu_alpha {alpha} is not supported (only {ALPHA})")
-    window = config.get("sliding_window") or None
-    if "sliding_attention" not in kinds:
-        window = None
+    window = args.sliding_window if "sliding_attention" in kinds else None
     bias = bool(config.get("attention_bias", True))
-    # the generic reader refuses projection biases: this model's are read here
-    args = args_from_hf({**config, "attention_bias": False}, "gptoss", source)
     with naming(source):
         return replace(
             args,
@@ -76,7 +80,7 @@ def args_from_config(config: dict[str, Any], source: str) -> ModelArgs:
             sinks=True,
             router_logit_bias=True,
             expert_bias=True,
-            swiglu_limit=float(config.get("swiglu_limit", 7.0)),
+            swiglu_limit=limit,
             norm_topk_prob=True,
         )
 

@@ -195,6 +195,8 @@ def gptoss_dir(tmp_path_factory) -> Path:
         ({"layer_types": ["full_attention"]}, ("layer_types", "2 layers")),
         ({"swiglu_alpha": 1.5}, ("swiglu_alpha", "not supported")),
         ({"swiglu_limit": -1.0}, ("swiglu_limit",)),
+        ({"swiglu_limit": "high"}, ("bad value",)),
+        ({"quantization_config": {"quant_method": "gptq"}}, ("quantization", "gptq")),
     ],
 )  # fmt: skip
 def test_unsupported_gptoss_settings(gptoss_dir, tmp_path, change, needles):
