@@ -20,7 +20,8 @@ class ExpertWeights:
     gate: PackedWeight
     up: PackedWeight
     down: PackedWeight
-    bias: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    # arrays: left out of comparison and hashing (the matrices compare by identity)
+    bias: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, compare=False)
     limit: float = 0.0
 
     @property
