@@ -287,6 +287,9 @@ class RoutingStats:
         head = "layer " + "".join(f"{e:>5}" for e in range(n_experts)) + "  repeat"
         lines = [head]
         for layer, row in enumerate(self.shares()):
+            if not self.tokens[layer]:  # a dense layer of an MoE model: nothing routed
+                lines.append(f"{layer:>5}  dense")
+                continue
             rate = self.repeats[layer] / max(self.pairs[layer], 1)
             lines.append(
                 f"{layer:>5} " + "".join(f"{100 * v:>5.0f}" for v in row) + f"  {rate:>6.0%}"

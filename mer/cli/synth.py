@@ -115,7 +115,7 @@ def _show_routing(path: Path, size: int, tokens: int) -> None:
         stats = measure_routing(model, tokens)
     k, e = model.args.n_experts_per_tok, model.args.n_experts
     print(
-        f"routing over {int(stats.tokens[0])} tokens of text: percent of tokens choosing each "
+        f"routing over {int(stats.tokens.max())} tokens of text: percent of tokens choosing each "
         f"expert per layer (uniform: {100 * k / e:.0f}), and how often a token's first choice "
         f"is the previous token's (random: {100 / e:.0f}%; all layers: "
         f"{stats.repeat_rate():.0%})"

@@ -98,6 +98,8 @@ def test_deepseek_shape(tmp_path):
     convert(path, tmp_path / "store")
     with mer.load_model(tmp_path / "store", cache_bytes=1 << 20) as streamed:
         np.testing.assert_array_equal(streamed.logits(ids), ours)
+    table = measure_routing(model, 64).table().splitlines()
+    assert table[1].split() == ["0", "dense"] and len(table[2].split()) == shape.experts + 2
 
 
 def test_size_is_known_before_writing(tmp_path):
