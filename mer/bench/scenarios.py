@@ -222,6 +222,9 @@ def disk_configs(p: Plan, gguf: Path, store: Path, ids: list[int]) -> list[Confi
             "llama.cpp default (repack)",
             engine="llama.cpp",
             spec={**spec, "kind": "llama", "model": str(gguf)},
+            # its repacked weights are anonymous memory: a model larger than the cap either
+            # fails to load or thrashes for as long as it is let (minutes to hours)
+            timeout_s=600.0,
             **capped,
         ),
     ]

@@ -30,6 +30,7 @@ class Config:
     spec: dict  # the worker's spec (mer.bench.workers)
     cap_bytes: int | None = None  # run under a memory cap of this many bytes
     drop_cache: bool = False  # drop the page cache before each trial
+    timeout_s: float = 3600.0  # a trial that runs longer is stopped: a failure, not a figure
 
 
 @dataclass
@@ -77,8 +78,8 @@ class Results:
         }
 
 
-def run_trial(config: Config, timeout_s: float = 3600) -> Trial:
-    """One trial of `config` in a fresh worker process."""
+def run_trial(config: Config) -> Trial:
+    """One trial of `config` in a fresh worker process (stopped after config.timeout_s)."""
     cmd = [sys.executable, "-m", "mer.bench.workers", json.dumps(config.spec)]
     if config.drop_cache:
         drop_page_cache()
@@ -86,13 +87,22 @@ def run_trial(config: Config, timeout_s: float = 3600) -> Trial:
     read0 = disk_read_bytes(device)
     start = time.monotonic()
     peak = None
-    with Share() as share:
-        if config.cap_bytes:
-            with MemoryCap(config.cap_bytes) as cap:
-                proc = cap.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-                peak = cap.peak_bytes()
-        else:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    try:
+        with Share() as share:
+            if config.cap_bytes:
+                with MemoryCap(config.cap_bytes) as cap:
+                    proc = cap.run(cmd, capture_output=True, text=True, timeout=config.timeout_s)
+                    peak = cap.peak_bytes()
+            else:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=config.timeout_s)
+    except subprocess.TimeoutExpired:  # subprocess.run has killed the worker
+        return Trial(
+            figures=None,
+            error=f"timed out after {config.timeout_s:g} s",
+            others=share.others,
+            wall_s=time.monotonic() - start,
+            device_read_bytes=disk_read_bytes(device) - read0,
+        )
     wall = time.monotonic() - start
     lines = proc.stdout.strip().splitlines()
     try:

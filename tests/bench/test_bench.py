@@ -26,3 +26,21 @@ def test_quick_bench_produces_every_figure(tmp_path):
         ratios = report["figures"]["disk_ratios"]
         assert ratios["bound_serial_s"] > 0 and ratios["speedup_over_llama_mmap"] > 0
         assert report["convert"]["ok"]
+
+
+def test_a_trial_that_overruns_is_a_failure_not_a_crash():
+    """llama.cpp's repacking path under a cap smaller than the model can thrash for hours:
+    a trial past its time limit is stopped and recorded as failed."""
+    from mer.bench.trials import Config, run_trial
+    from mer.models.sources import resolve_model
+
+    spec = {
+        "kind": "mer",
+        "model": str(resolve_model(None)),
+        "threads": 1,
+        "prompt_ids": [1, 2, 3],
+        "decode_tokens": 2,
+    }
+    trial = run_trial(Config("overrun", "ram", "mer", spec, timeout_s=0.2))
+    assert trial.figures is None and trial.error == "timed out after 0.2 s"
+    assert not trial.clean(1.0)
