@@ -61,7 +61,7 @@ import functools
 import math
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gguf
@@ -135,7 +135,7 @@ class Shape:
         return f"{self.arch}-{self.layers}l-{self.experts}x{self.ffn}-{self.dim}-{tag:04x}"
 
 
-SHAPES = {
+SHAPES: dict[str, Shape] = {
     "mixtral-8x7b": Shape(),
     "mixtral-4l": Shape(layers=4),  # four layers at Mixtral-8x7B's width: ~3-6 GB
     # Qwen3-30B-A3B's experts (128 per layer, top-8, 2048 wide, 768-wide FFN) on a plain
@@ -150,18 +150,6 @@ SHAPES = {
     # of 128 + 64), 64 experts of 1408 top-6, 2 shared experts, a dense first layer
     "deepseek-v2-lite": Shape(
         layers=27,
-        experts=64,
-        top_k=6,
-        dim=2048,
-        ffn=1408,
-        heads=16,
-        kv_heads=1,
-        context=4096,
-        rope_theta=10000.0,
-        latent=Latent(),
-    ),
-    "deepseek-v2-lite-4l": Shape(
-        layers=4,
         experts=64,
         top_k=6,
         dim=2048,
@@ -187,6 +175,7 @@ SHAPES = {
         latent=Latent(kv_rank=128, q_rank=96, nope=32, rope=32, v=64, shared=1, dense_ffn=512),
     ),
 }
+SHAPES["deepseek-v2-lite-4l"] = replace(SHAPES["deepseek-v2-lite"], layers=4)
 
 # Block type per tensor class for each quantization.
 QUANTS: dict[str, dict[str, Q]] = {
@@ -432,18 +421,9 @@ def _tensors(shape: Shape, quant: str, knobs: Knobs, vocab: int) -> Iterator[_Te
             return _quantized(w, types["v"])
 
         yield _Tensor(p + "attn_v.weight", (s.kv_heads * hd, d), types["v"], values)
-        yield _Tensor(
-            p + "attn_output.weight",
-            (d, s.heads * hd),
-            types["o"],
-            lambda layer=layer: _random_blocks(
-                types["o"],
-                d,
-                s.heads * hd,
-                attn_gain(layer) / math.sqrt(s.heads * hd),
-                rng(layer, "o"),
-                zero_rows=(CHANNEL,),
-            ),
+        std = attn_gain(layer) / math.sqrt(s.heads * hd)
+        yield blocks(
+            p + "attn_output.weight", d, s.heads * hd, "o", std, layer, "o", zero=(CHANNEL,)
         )
 
     def blocks(name: str, rows: int, cols: int, kind: str, std: float, *key, zero=()):

@@ -26,7 +26,7 @@ _KINDS: dict[str, ModuleType] = {
     m.KIND: m
     for m in (mm_f32, mm_half.F16, mm_half.BF16, mm_q8_0, mm_q4_0, *mm_gguf.KINDS, mm_gguf.MXFP4)
 }
-_FLOAT_DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
+FLOAT_DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
 _QUANT_KINDS = ("q8_0", "q4_0")
 _threads = numba.config.NUMBA_NUM_THREADS  # all cores until set_num_threads
 _policy = ThreadPolicy(_threads)  # how many of them each call gets
@@ -81,11 +81,9 @@ def pack_float(arr: np.ndarray, kind: str) -> PackedWeight:
 
     Zero-copy when arr is C-contiguous (arr may be a np.memmap); layout stays row-major.
     """
-    if kind not in _FLOAT_DTYPES:
-        raise ValueError(
-            f"pack_float: kind must be one of {', '.join(_FLOAT_DTYPES)}, got {kind!r}"
-        )
-    want = np.dtype(_FLOAT_DTYPES[kind])
+    if kind not in FLOAT_DTYPES:
+        raise ValueError(f"pack_float: kind must be one of {', '.join(FLOAT_DTYPES)}, got {kind!r}")
+    want = np.dtype(FLOAT_DTYPES[kind])
     if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.dtype != want:
         got = (getattr(arr, "dtype", type(arr).__name__), getattr(arr, "shape", None))
         raise ValueError(f"pack_float({kind!r}) needs a 2-D {want} array, got {got[0]} {got[1]}")
@@ -133,8 +131,8 @@ def from_gguf_blocks(raw: np.ndarray, kind: str, rows: int, cols: int) -> Packed
 @functools.cache
 def _row_planes(kind: str, cols: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
     m = _kind(kind)
-    if kind in _FLOAT_DTYPES:
-        raw = np.zeros((1, cols), _FLOAT_DTYPES[kind]).view(np.uint8).reshape(-1)
+    if kind in FLOAT_DTYPES:
+        raw = np.zeros((1, cols), FLOAT_DTYPES[kind]).view(np.uint8).reshape(-1)
     else:
         raw = np.zeros((cols // m.BLOCK) * m.BLOCK_BYTES, np.uint8)
     return tuple((p.dtype.str, p.shape[1:]) for p in from_gguf_blocks(raw, kind, 1, cols).planes)

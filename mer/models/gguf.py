@@ -50,6 +50,7 @@ _QK_NORM = {"qwen3moe": "head", "olmoe": "full"}  # RMSNorm of queries and keys 
 # renormalise the top-k routing weights (llama.cpp's norm_w)
 _NORM_TOPK = {"olmoe": False, "qwen2moe": False}
 FLOAT_KINDS = ("f32", "f16", "bf16")
+_FFN_NORM = {"gptoss": "post_attention_norm"}  # the FFN's norm where llama.cpp names it apart
 
 
 def load_gguf(path: Path, stream: bool = False) -> tuple[ModelArgs, ModelWeights, Tokenizer]:
@@ -255,8 +256,9 @@ class _Loader:
             return pack_float(np.ascontiguousarray(raw), kind)
         return from_gguf_blocks(np.ascontiguousarray(raw), kind, rows, cols)
 
-    def vector(self, name: str, length: int) -> np.ndarray:
-        raw, kind = self.gg.tensor(name, (length,))
+    def vector(self, name: str, *shape: int) -> np.ndarray:
+        """A float tensor (1-D: [length]; more dimensions as given) as float32."""
+        raw, kind = self.gg.tensor(name, shape)
         if kind not in FLOAT_KINDS:
             raise ModelFormatError(
                 f"{self.gg.path}: tensor {name} should not be quantized ({kind})"
@@ -310,9 +312,7 @@ class _Loader:
             wk=self.matrix(p + "attn_k.weight", kv_dim, a.dim),
             wv=self.matrix(p + "attn_v.weight", kv_dim, a.dim),
             wo=self.matrix(p + "attn_output.weight", a.dim, q_dim),
-            ffn_norm=self.vector(
-                p + ("post_attention_norm" if extras else "ffn_norm") + ".weight", a.dim
-            ),
+            ffn_norm=self.vector(p + _FFN_NORM.get(a.arch, "ffn_norm") + ".weight", a.dim),
             router=router,
             experts=self.experts(p) if a.is_moe else [self.dense_ffn(p)],
         )
@@ -320,21 +320,14 @@ class _Loader:
     def gpt_oss_extras(self, p: str) -> dict:
         a = self.args
         e, f = a.n_experts, a.ffn_dim
-
-        def biases(name: str, width: int) -> np.ndarray:
-            raw, kind = self.gg.tensor(f"{p}{name}.bias", (e, width))
-            if kind not in FLOAT_KINDS:
-                raise ModelFormatError(f"{self.gg.path}: tensor {p}{name}.bias is quantized")
-            return np.ascontiguousarray(to_float32(raw, kind))
-
         return dict(
             bo=self.vector(p + "attn_output.bias", a.dim) if a.o_bias else None,
             sinks=self.vector(p + "attn_sinks.weight", a.n_heads),
             router_logit_bias=self.vector(p + "ffn_gate_inp.bias", e),
             expert_biases=ExpertBiases(
-                biases("ffn_gate_exps", f),
-                biases("ffn_up_exps", f),
-                biases("ffn_down_exps", a.dim),
+                self.vector(p + "ffn_gate_exps.bias", e, f),
+                self.vector(p + "ffn_up_exps.bias", e, f),
+                self.vector(p + "ffn_down_exps.bias", e, a.dim),
                 a.swiglu_limit,
             ),
         )

@@ -26,6 +26,7 @@ from mer.models.weights import (
     MLAWeights,
     ModelWeights,
     arrange,
+    matrix_shape,
     mxfp4_rows,
     openai_mxfp4,
 )
@@ -78,14 +79,6 @@ def load_hf_dir(
     return args, loader.model(module)
 
 
-def _matrix_shape(shape: tuple[int, ...], layout: str) -> tuple[int, int]:
-    """[rows, cols] of the matrix a stored array of `shape` holds in `layout`."""
-    rows, cols = shape
-    if layout == "rows":
-        return rows, cols
-    return (cols, rows) if layout == "cols" else (cols // 2, rows)
-
-
 class _Loader:
     def __init__(
         self, src: SafetensorsDir, args: ModelArgs, quant: str | None, stream: bool
@@ -125,7 +118,7 @@ class _Loader:
             if not arr.flags.c_contiguous:
                 raise ModelFormatError(f"{self.src.root}: an expert matrix is not contiguous")
             file, offset = self.src.locate(arr)
-            rows, cols = _matrix_shape(arr.shape, layout)
+            rows, cols = matrix_shape(layout, arr.shape)
             return MatrixSpec(
                 file, offset, arr.nbytes, kind, rows, cols, quant=self.quant, layout=layout
             )

@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 
 from mer.io.raw import to_float32
-from mer.kernels.matmul import PackedWeight, dequantize, from_gguf_blocks, requantize
+from mer.kernels.matmul import (
+    FLOAT_DTYPES,
+    PackedWeight,
+    dequantize,
+    from_gguf_blocks,
+    requantize,
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,15 @@ def stored_shape(layout: str, rows: int, cols: int) -> tuple[int, int]:
     return {"rows": (rows, cols), "cols": (cols, rows)}.get(layout, (cols, 2 * rows))
 
 
+def matrix_shape(layout: str, stored: tuple[int, ...]) -> tuple[int, int]:
+    """[rows, cols] of the matrix that a stored array of shape `stored` holds in `layout`
+    (the inverse of stored_shape)."""
+    rows, cols = stored
+    if layout == "rows":
+        return rows, cols
+    return (cols, rows) if layout == "cols" else (cols // 2, rows)
+
+
 def arrange(stored: np.ndarray, layout: str) -> np.ndarray:
     """The matrix [rows, cols], C-contiguous, held by 2-D array `stored` in `layout`."""
     if layout == "rows":
@@ -52,8 +67,6 @@ def arrange(stored: np.ndarray, layout: str) -> np.ndarray:
         return np.ascontiguousarray(stored.T)
     return np.ascontiguousarray(stored[:, layout == "odd_cols" :: 2].T)
 
-
-_DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
 
 # MXFP4 as OpenAI publishes it (gpt-oss's safetensors): per row, blocks [nb, 16] of nibbles
 # (byte j: weight 2j low, 2j + 1 high) and one E8M0 exponent per block in a tensor apart; the
@@ -109,7 +122,7 @@ class MatrixSpec:
             raw = openai_mxfp4(*rows).reshape(-1)
         elif self.layout != "rows":
             shape = stored_shape(self.layout, self.rows, self.cols)
-            stored = raw.view(_DTYPES[self.kind]).reshape(shape)
+            stored = raw.view(FLOAT_DTYPES[self.kind]).reshape(shape)
             raw = arrange(stored, self.layout).view(np.uint8).reshape(-1)
         return requantize(from_gguf_blocks(raw, self.kind, self.rows, self.cols), self.quant)
 
