@@ -66,6 +66,7 @@ class EngineConfig:
     kv_budget_tokens: int = 65536
     prefix_cache: bool = True  # reuse the KV of prompt prefixes seen before (bit-identical)
     threads: int | None = None  # kernel threads of the engine (default: all cores)
+    activations: str | None = None  # "q8" or "f32" (default: a store's own, else f32)
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,11 @@ class ServeConfig:
             self.engine.threads is None or self.engine.threads >= 1,
             "engine.threads",
             "must be at least 1",
+        )
+        need(
+            self.engine.activations in (None, "f32", "q8"),
+            "engine.activations",
+            "must be f32 or q8",
         )
         need(
             self.compute.count is None or self.compute.count >= 0,

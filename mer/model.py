@@ -9,7 +9,7 @@ import numpy as np
 
 from mer.cache.streamer import ExpertStreamer
 from mer.errors import ModelFormatError, ParamError
-from mer.kernels.matmul import set_num_threads
+from mer.kernels.matmul import ACTIVATIONS, packing, set_num_threads
 from mer.models.args import ModelArgs
 from mer.models.transformer import ContextFullError, KVCache, NonFiniteError, Transformer
 from mer.models.weights import ModelWeights
@@ -171,6 +171,7 @@ def load_model(
     prefetch: bool = True,
     coalesce: bool = True,
     streamer_factory=None,
+    activations: str | None = None,
 ) -> Model:
     """Load a model from a mer store, a Hugging Face directory or a GGUF file.
 
@@ -182,6 +183,12 @@ def load_model(
     coalesce: read experts that follow each other on disk with one request;
     streamer_factory(source, args): what streams the experts instead of an in-process
     `ExpertStreamer` (the service's engine: `mer.cache.remote`).
+    activations: "q8" runs Q4_0 and Q8_0 weights against activations quantized to 8 bits, with
+    integer dot products as llama.cpp computes them (several times faster); "f32" against
+    float activations (within float rounding of the dequantized weights, as transformers
+    computes them). None: a store's own (as `mer convert --activations` made it), else the
+    process's (`mer.kernels.matmul.set_activations`, "f32" unless set). Experts streamed
+    later are packed in the same mode.
     """
     from dataclasses import replace
 
@@ -191,7 +198,9 @@ def load_model(
     if threads is not None:
         set_num_threads(threads)
     stream = cache_bytes is not None
-    args, weights, tokenizer, experts = open_model_files(source, quant, stream, verify)
+    args, weights, tokenizer, experts = open_model_files(
+        source, quant, stream, verify, activations=activations
+    )
     if max_seq_len is not None:
         args = replace(args, max_seq_len=min(args.max_seq_len, max_seq_len))
     streamer = None
@@ -213,16 +222,23 @@ def load_model(
 
 
 def open_model_files(
-    source: Path, quant: str | None = None, stream: bool = False, verify: bool = True
+    source: Path,
+    quant: str | None = None,
+    stream: bool = False,
+    verify: bool = True,
+    *,
+    activations: str | None = None,
 ) -> tuple:
     """(args, weights, tokenizer or None, StoreExperts or None) of a mer store, a Hugging Face
     directory or a GGUF file. With `stream`, the layers list where experts lie on disk (a store
-    serves them through its StoreExperts) instead of holding them."""
-    from mer.models.gguf import load_gguf
-    from mer.models.hf import load_hf_dir
+    serves them through its StoreExperts) instead of holding them. `activations`: as in
+    `load_model`."""
     from mer.store.format import is_store, is_unfinished_store
     from mer.store.load import load_store
 
+    if activations is not None and activations not in ACTIVATIONS:
+        choices = ", ".join(ACTIVATIONS)
+        raise ParamError(f"activations must be one of {choices}, got {activations!r}")
     if not source.exists():
         raise ModelFormatError(f"{source}: no such model file or directory")
     if is_unfinished_store(source):
@@ -235,7 +251,15 @@ def open_model_files(
             raise ModelFormatError(
                 f"{source}: a mer store is already packed; choose --quant at `mer convert`"
             )
-        return load_store(source, stream=stream, verify=verify)
+        return load_store(source, stream=stream, verify=verify, activations=activations)
+    with packing(activations):
+        return _open_source(source, quant, stream)
+
+
+def _open_source(source: Path, quant: str | None, stream: bool) -> tuple:
+    from mer.models.gguf import load_gguf
+    from mer.models.hf import load_hf_dir
+
     if source.is_dir():
         args, weights = load_hf_dir(source, quant, stream=stream)
         tokenizer = Tokenizer.from_hf_dir(source) if (source / "tokenizer.json").exists() else None

@@ -218,6 +218,7 @@ def main() -> None:
         io_backend=cfg.io.backend,
         prefetch=cfg.cache.prefetch,
         streamer_factory=factory,
+        activations=cfg.engine.activations,
     )
     model.warm_up()
     model.transformer.on_layer = lambda: actor.beat(busy=True)

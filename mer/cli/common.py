@@ -92,3 +92,16 @@ def parse_size(given: str) -> int:
     if number <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive: {given!r}")
     return int(number * units[unit])
+
+
+ACTIVATIONS_HELP = (
+    "q8: Q4_0/Q8_0/Q4_1 weights against activations quantized to 8 bits, integer dot "
+    "products as llama.cpp computes them (several times faster); f32: float activations "
+    "(within float rounding of the dequantized weights, as transformers computes them). "
+    "Default: a store's own, else f32"
+)
+
+
+def add_activations(p) -> None:
+    """The --activations flag of the commands that load a model."""
+    p.add_argument("--activations", choices=["f32", "q8"], help=ACTIVATIONS_HELP)

@@ -7,7 +7,7 @@ import argparse
 import sys
 import time
 
-from mer.cli.common import Parser, finite, parse_size, text, whole
+from mer.cli.common import Parser, add_activations, finite, parse_size, text, whole
 from mer.errors import MerError, os_error_text
 
 
@@ -18,6 +18,7 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="model directory or .gguf file")
     p.add_argument("dst", help="directory to write the store into")
     p.add_argument("--quant", choices=["q8_0", "q4_0"], help="re-quantize expert weights")
+    add_activations(p)
     p.add_argument(
         "--force",
         action="store_true",
@@ -43,6 +44,7 @@ def _run_convert(opts: argparse.Namespace) -> int:
         force=opts.force,
         progress=sys.stderr.isatty(),
         trace=opts.trace,
+        activations=opts.activations,
     )
     experts = manifest["experts"]
     print(

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from mer.cli.common import FlagError, finite, parse_size, text, whole
+from mer.cli.common import FlagError, add_activations, finite, parse_size, text, whole
 from mer.errors import MerError, ParamError
 
 _FINISH = {"stop": "end of text", "length": "max tokens", "context": "context full"}
@@ -41,6 +41,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frequency-penalty", type=finite, default=0.0, help="0 = off")
     p.add_argument("--seed", type=whole(0), default=None, help="same seed, same text")
     p.add_argument("--quant", choices=["q8_0", "q4_0"], help="quantize expert weights on load")
+    add_activations(p)
     p.add_argument(
         "--threads",
         type=whole(1),
@@ -139,6 +140,7 @@ def _run_generate(opts: argparse.Namespace) -> int:
         max_seq_len=opts.max_seq_len,
         cache_bytes=opts.cache_bytes,
         io_backend=opts.io_backend or "auto",
+        activations=opts.activations,
     )
     try:
         return _generate(model, params, opts)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mer.cli.common import FlagError, parse_size, whole
+from mer.cli.common import FlagError, add_activations, parse_size, whole
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +23,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compute", type=whole(0), help="compute workers (default: one per core)")
     p.add_argument("--io", type=whole(1), help="I/O actors for streamed experts (default: 1)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="logging")
+    add_activations(p)
     p.set_defaults(run=run_serve)
 
 
@@ -42,6 +43,7 @@ def run_serve(opts: argparse.Namespace) -> int:
         "compute.count": opts.compute,
         "io.count": opts.io,
         "log.level": opts.log_level,
+        "engine.activations": opts.activations,
     }
     try:
         config = ServeConfig.load(opts.config).override(**overrides)

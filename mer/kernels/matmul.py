@@ -10,6 +10,8 @@
 # module (mm_f32.py holds the shared ones): after editing those, delete the *.nbi/*.nbc files.
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import time
 from dataclasses import dataclass
@@ -18,14 +20,26 @@ from types import ModuleType
 import numba
 import numpy as np
 
-from . import mm_f32, mm_gguf, mm_half, mm_q4_0, mm_q8_0
+from . import mm_f32, mm_gguf, mm_half, mm_q4_0, mm_q8_0, mm_x16
 from .quantize import quantize_blocks
 from .threads import ThreadPolicy
 
 _KINDS: dict[str, ModuleType] = {
     m.KIND: m
-    for m in (mm_f32, mm_half.F16, mm_half.BF16, mm_q8_0, mm_q4_0, *mm_gguf.KINDS, mm_gguf.MXFP4)
+    for m in (
+        *(mm_f32, mm_half.F16, mm_half.BF16, mm_q8_0, mm_q4_0, *mm_gguf.KINDS, mm_gguf.MXFP4),
+        *(mm_x16.Q4_0X16, mm_x16.Q8_0X16, mm_x16.Q4_1X16),
+    )
 }
+# With 8-bit activations, these kinds (Q4_0, Q8_0, Q4_1) are packed row-interleaved for the
+# integer kernels (mm_x16) when their rows come in whole groups; the others keep float
+# activations.
+_INTEGER = {m.base.KIND: m.KIND for m in (mm_x16.Q4_0X16, mm_x16.Q8_0X16, mm_x16.Q4_1X16)}
+_PLAIN = {v: k for k, v in _INTEGER.items()}
+ACTIVATIONS = ("f32", "q8")
+_activations = "f32"  # the process's default (set_activations) ...
+_packing: contextvars.ContextVar[str | None] = contextvars.ContextVar("packing", default=None)
+# ... and what a `packing` block sets, per thread
 FLOAT_DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
 _QUANT_KINDS = ("q8_0", "q4_0")
 _threads = numba.config.NUMBA_NUM_THREADS  # all cores until set_num_threads
@@ -105,15 +119,18 @@ def quantize(arr: np.ndarray, kind: str) -> PackedWeight:
 def requantize(w: PackedWeight, quant: str | None) -> PackedWeight:
     """`w` re-quantized to "q8_0" or "q4_0" from its float32 values; unchanged when `quant` is
     None or already its kind."""
-    if quant is None or w.kind == quant:
+    if quant is None or plain_kind(w.kind) == quant:
         return w
     return quantize(dequantize(w), quant)
 
 
-def from_gguf_blocks(raw: np.ndarray, kind: str, rows: int, cols: int) -> PackedWeight:
+def from_gguf_blocks(
+    raw: np.ndarray, kind: str, rows: int, cols: int, activations: str | None = None
+) -> PackedWeight:
     """GGUF block bytes (uint8, row-major) of a [rows, cols] matrix -> PackedWeight.
 
-    Quantized kinds are repacked into their kernel layout; float kinds stay zero-copy views.
+    Quantized kinds are repacked into their kernel layout (for `activations`, default: the
+    mode in force, see `packed_kind`); float kinds stay zero-copy views.
     """
     m = _kind(kind)
     if cols % m.BLOCK != 0:
@@ -125,7 +142,23 @@ def from_gguf_blocks(raw: np.ndarray, kind: str, rows: int, cols: int) -> Packed
             f"{kind} matrix [{rows}, {cols}] needs {need} uint8 bytes, got {raw.size} {raw.dtype}"
         )
     raw = np.ascontiguousarray(raw).reshape(-1)
-    return PackedWeight(kind, rows, cols, m.from_raw(raw, rows, cols))
+    kind = packed_kind(kind, rows, activations)
+    return PackedWeight(kind, rows, cols, _KINDS[kind].from_raw(raw, rows, cols))
+
+
+def packed_kind(kind: str, rows: int, mode: str | None = None) -> str:
+    """The kind GGUF blocks of `kind` are packed as for activations `mode` (default: the mode
+    in force): with "q8", Q4_0, Q8_0 and Q4_1 matrices of whole 16-row groups become their
+    integer kinds."""
+    mode = activations() if mode is None else _check_mode(mode)
+    if mode == "q8" and kind in _INTEGER and rows % mm_x16.GROUP == 0:
+        return _INTEGER[kind]
+    return kind
+
+
+def plain_kind(kind: str) -> str:
+    """The GGUF block type a kind holds ("q4_0x16" -> "q4_0")."""
+    return _PLAIN.get(kind, kind)
 
 
 @functools.cache
@@ -133,9 +166,10 @@ def _row_planes(kind: str, cols: int) -> tuple[tuple[str, tuple[int, ...]], ...]
     m = _kind(kind)
     if kind in FLOAT_DTYPES:
         raw = np.zeros((1, cols), FLOAT_DTYPES[kind]).view(np.uint8).reshape(-1)
-    else:
-        raw = np.zeros((cols // m.BLOCK) * m.BLOCK_BYTES, np.uint8)
-    return tuple((p.dtype.str, p.shape[1:]) for p in from_gguf_blocks(raw, kind, 1, cols).planes)
+        return tuple((p.dtype.str, p.shape[1:]) for p in m.from_raw(raw, 1, cols))
+    rows = mm_x16.GROUP if kind in _PLAIN else 1  # the integer kinds pack whole groups
+    raw = np.zeros(rows * (cols // m.BLOCK) * m.BLOCK_BYTES, np.uint8)
+    return tuple((p.dtype.str, p.shape[1:]) for p in m.from_raw(raw, rows, cols))
 
 
 def plane_specs(kind: str, rows: int, cols: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -145,7 +179,16 @@ def plane_specs(kind: str, rows: int, cols: int) -> list[tuple[str, tuple[int, .
         raise ValueError(f"{kind} matrix [{rows}, {cols}]: dimensions must be positive")
     if cols % _kind(kind).BLOCK:
         raise ValueError(f"{kind} matrix [{rows}, {cols}]: cols must be a multiple of its block")
+    if kind in _PLAIN and rows % mm_x16.GROUP:
+        raise ValueError(f"{kind} matrix [{rows}, {cols}]: rows must be a multiple of 16")
     return [(dtype, (rows, *shape)) for dtype, shape in _row_planes(kind, cols)]
+
+
+def dequantize_blocks(raw: np.ndarray, kind: str, rows: int, cols: int) -> np.ndarray:
+    """float32 [rows, cols] of GGUF blocks of `kind` (e.g. embedding rows), whatever the
+    activations mode."""
+    m = _kind(kind)
+    return m.dequantize(m.from_raw(np.ascontiguousarray(raw).reshape(-1), rows, cols), rows, cols)
 
 
 def dequantize(w: PackedWeight) -> np.ndarray:
@@ -256,6 +299,47 @@ def set_batch_invariant(on: bool) -> None:
     through dequantized tiles, and a token's last bits depend on its batch."""
     global _per_token
     _per_token = bool(on)
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {mode!r}")
+    return mode
+
+
+def set_activations(mode: str) -> None:
+    """How Q4_0, Q8_0 and Q4_1 weights packed from now on in this process meet their
+    activations: "f32" (the default: float activations, within float rounding of the
+    dequantized weights) or "q8" (activations quantized to 8 bits per token and integer dot
+    products, as llama.cpp's CPU backend computes them; several times faster). Weights
+    already packed keep their kind."""
+    global _activations
+    _activations = _check_mode(mode)
+
+
+def activations() -> str:
+    """The activations mode packing follows here: the innermost `packing` block's, else the
+    process's (set_activations)."""
+    mode = _packing.get()
+    return _activations if mode is None else mode
+
+
+@contextlib.contextmanager
+def packing(mode: str | None):
+    """Pack for activations `mode` inside the block (this thread only); None: no change."""
+    if mode is None:
+        yield
+        return
+    token = _packing.set(_check_mode(mode))
+    try:
+        yield
+    finally:
+        _packing.reset(token)
+
+
+def activations_of(kinds) -> str:
+    """The mode a model's packed kinds were made in: "q8" if any is an integer kind."""
+    return "q8" if any(k in _PLAIN for k in kinds) else "f32"
 
 
 def batch_invariant() -> bool:

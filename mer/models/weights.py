@@ -12,8 +12,10 @@ from mer.io.raw import to_float32
 from mer.kernels.matmul import (
     FLOAT_DTYPES,
     PackedWeight,
-    dequantize,
+    activations,
+    dequantize_blocks,
     from_gguf_blocks,
+    packing,
     requantize,
 )
 
@@ -112,10 +114,16 @@ class MatrixSpec:
     # OpenAI's MXFP4 (kind "mxfp4"): the bytes are the stored rows' nibble blocks, and these
     # are their exponents (a view of the file's, read on packing)
     exponents: np.ndarray | None = field(default=None, compare=False)
+    # the activations mode it is packed for: the one in force where the model was opened
+    activations: str = field(default_factory=activations, compare=False)
 
     def pack(self, raw: np.ndarray) -> PackedWeight:
         """A PackedWeight from this matrix's bytes `raw` (uint8); float kinds in "rows" layout
         stay views."""
+        with packing(self.activations):
+            return self._pack(raw)
+
+    def _pack(self, raw: np.ndarray) -> PackedWeight:
         if self.exponents is not None:
             blocks = raw.reshape(-1, self.cols // 32, 16)
             rows = mxfp4_rows(blocks, self.layout), mxfp4_rows(self.exponents, self.layout)
@@ -223,7 +231,7 @@ class Embedding:
         rows = np.ascontiguousarray(self.raw[ids])
         if self.kind in ("f32", "f16", "bf16"):
             return to_float32(rows, self.kind)
-        return dequantize(from_gguf_blocks(rows, self.kind, len(ids), self.dim))
+        return dequantize_blocks(rows, self.kind, len(ids), self.dim)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ import xxhash
 
 from mer.errors import MerError, ModelFormatError, os_error_text
 from mer.io.arena import ALIGN, round_up
-from mer.kernels.matmul import PackedWeight, requantize
+from mer.kernels.matmul import PackedWeight, packing, requantize
+from mer.kernels.matmul import activations as packing_mode
 from mer.model import open_model_files
 from mer.models.args import ModelArgs
 from mer.models.hf import QUANT_KINDS
@@ -121,6 +122,7 @@ def convert(
     force: bool = False,
     progress: bool = False,
     trace: str | os.PathLike[str] | None = None,
+    activations: str | None = None,
 ) -> dict:
     """Write the store for model `src` into directory `dst`; returns its manifest.
 
@@ -130,7 +132,9 @@ def convert(
     trace record`): each layer's experts are laid out so that experts used together lie
     together (`mer.cache.trace.co_use_order`), else in id order. The store is written
     beside `dst` and swapped in complete (`mer.store.staging`): an interrupted conversion
-    leaves `dst` as it was.
+    leaves `dst` as it was. activations: the mode the store's weights are packed for
+    ("q8": Q4_0 and Q8_0 matrices row-interleaved for the integer kernels, so that streamed
+    experts need no repacking; default: the process's mode, `set_activations`).
     """
     src, dst = Path(src), Path(dst)
     if quant is not None and quant not in QUANT_KINDS:
@@ -138,7 +142,7 @@ def convert(
     if fmt.is_store(src):
         raise ModelFormatError(f"{src}: already a mer store")
     _check_destination(dst, force)
-    args, weights, tokenizer, _ = open_model_files(src, stream=True)
+    args, weights, tokenizer, _ = open_model_files(src, stream=True, activations=activations)
     orders = None if trace is None else _layout_orders(Path(trace), args)
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging.sweep(dst)
@@ -147,7 +151,10 @@ def convert(
     try:
         (work / fmt.CONVERTING).write_text(f"converting {src.name} into {dst.name}\n")
         try:
-            manifest = _write_store(src, work, args, weights, tokenizer, quant, progress, orders)
+            with packing(activations):  # re-quantized matrices too
+                manifest = _write_store(
+                    src, work, args, weights, tokenizer, quant, progress, orders
+                )
         except OSError as err:
             raise MerError(f"cannot write the store {dst}: {os_error_text(err)}") from None
         (work / fmt.CONVERTING).unlink()
@@ -261,6 +268,7 @@ def _write_store(
         "version": fmt.VERSION,
         "source": src.name,
         "quant": quant,
+        "activations": packing_mode(),
         "layout": "co-use" if orders else "id",
         "config": fmt.args_to_json(args),
         "experts": {

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from mer.errors import ModelFormatError
-from mer.kernels.matmul import PackedWeight, plane_specs
+from mer.kernels.matmul import ACTIVATIONS, PackedWeight, activations_of, plane_specs
 from mer.models.args import ModelArgs, RopeArgs
 
 FORMAT = "mer-store"
@@ -88,6 +88,16 @@ def read_planes(layout: dict, buf: np.ndarray, base: int = 0) -> PackedWeight:
         raw = buf[at : at + count * dtype.itemsize]
         planes.append(raw.view(dtype).reshape(spec["shape"]))
     return PackedWeight(layout["kind"], int(layout["rows"]), int(layout["cols"]), tuple(planes))
+
+
+def store_activations(manifest: dict) -> str:
+    """The activations mode a (checked) store's weights were packed for: its manifest's
+    "activations", or for stores that predate the field, what their kinds say."""
+    if manifest.get("activations") in ACTIVATIONS:
+        return manifest["activations"]
+    kinds = [m["kind"] for layout in manifest["experts"]["layouts"] for m in layout]
+    kinds += [t["kind"] for t in manifest["dense"]["tensors"].values() if "planes" in t]
+    return activations_of(kinds)
 
 
 def args_to_json(args: ModelArgs) -> dict[str, Any]:

@@ -98,11 +98,19 @@ class StoreExperts:
 
 
 def load_store(
-    root: Path, *, stream: bool = False, verify: bool = True
+    root: Path, *, stream: bool = False, verify: bool = True, activations: str | None = None
 ) -> tuple[ModelArgs, ModelWeights, Tokenizer | None, StoreExperts]:
     """Args, weights, tokenizer and expert source of the store in `root`. Experts are loaded
-    into the weights unless `stream`; then the layers list none and the source serves them."""
+    into the weights unless `stream`; then the layers list none and the source serves them.
+    `activations`, when given, must be the mode the store was converted in: its weights are
+    read in place, in the layout of that mode (ModelFormatError otherwise)."""
     manifest = fmt.read_manifest(root)  # its structure and types checked
+    made = fmt.store_activations(manifest)
+    if activations is not None and activations != made:
+        raise ModelFormatError(
+            f"{root}: this store was converted for {made} activations; convert the model "
+            f"again with `mer convert --activations {activations}`, or load the store as it is"
+        )
     args = fmt.args_from_json(manifest["config"], root / fmt.MANIFEST)
     dense_info = manifest["dense"]
     experts = StoreExperts(root, manifest, args)

@@ -98,6 +98,7 @@ def test_defaults_need_no_file_and_the_documented_file_is_the_defaults(tmp_path)
         ('[cache]\nbytes = "lots"\n', "cache.bytes"),
         ("[supervisor]\nheartbeat_timeout_s = 1.0\n", "supervisor.heartbeat_timeout_s"),
         ('[io]\nbackend = "floppy"\n', "io.backend"),
+        ('[engine]\nactivations = "int4"\n', "engine.activations"),
         ("model = 3\n", "model"),
         ("[api\n", "not valid TOML"),
     ],

@@ -1,0 +1,295 @@
+# Dimensions: N = rows (a multiple of 16), K = cols, B = K/32 blocks per row, G = N/16 row
+# groups, g = group, l = row in a group (0..15), c = 4-byte chunk of a block, i = byte in a
+# chunk, t = token.
+#
+# Q4_0 and Q8_0 weights against 8-bit activations (act_q8): integer dot products, as
+# llama.cpp's CPU backend computes them, in a row-interleaved layout. Sixteen rows are laid
+# out together so that one 64-byte load holds 4 bytes of the same block of 16 rows: one
+# integer multiply-add of 4 byte products per 32-bit lane (AVX-512 VNNI vpdpbusd; pmaddubsw
+# + pmaddwd on AVX2; plain widening arithmetic elsewhere) against the token's 4 activation
+# bytes broadcast, and the 16 lanes are the 16 rows' sums: no horizontal sum per block.
+# Per block: isum (exact int32) -> float, times f16(d_w) * f16(d_x), into one float
+# accumulator per row, blocks in order. A token's row is computed the same way whatever else
+# is in the call (batch invariance) and whatever the path (integer sums are exact).
+#
+# Layouts (planes keep a row-sized first dimension: group g is plane rows 16g..16g+15, read
+# flat):
+#   "q4_0x16": q uint8 [N, 16B], flat per group [B, 4, 16, 4]: byte (b, c, l, i) = GGUF byte
+#              4c+i of block b of row 16g+l (low nibble weight 4c+i, high nibble 16+4c+i);
+#              d uint16 [N, B], flat per group [B, 16]: f16 bits of block b of row 16g+l.
+#   "q8_0x16": q int8 [N, 32B], flat per group [B, 8, 16, 4]: weight 4c+i of block b of row
+#              16g+l; d as above. Both exactly GGUF-sized.
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import llvmlite.binding as llvm
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import act_q8, mm_gguf, mm_q4_0, mm_q8_0
+from .mm_sb_ir import I32, VF, VI, ZERO, Gen, i64
+
+I8, I16 = ir.IntType(8), ir.IntType(16)
+V64B, V32B = ir.VectorType(I8, 64), ir.VectorType(I8, 32)
+GROUP = 16
+
+# CPUs by name (NUMBA_CPU_NAME pins one, as the tests do to force a path) -> integer path.
+_VNNI_CPUS = {
+    "cascadelake", "cooperlake", "icelake-client", "icelake-server", "tigerlake",
+    "rocketlake", "sapphirerapids", "emeraldrapids", "graniterapids", "znver4", "znver5",
+}  # fmt: skip
+_AVX2_CPUS = {
+    "haswell", "broadwell", "skylake", "skylake-avx512", "x86-64-v3", "x86-64-v4", "znver1",
+    "znver2", "znver3", "alderlake", "raptorlake", "meteorlake", "arrowlake",
+}  # fmt: skip
+
+
+def integer_path() -> str:
+    """The integer dot product the kernels compile to on this target: "vnni" (AVX-512 VNNI),
+    "avx2" or "portable". Chosen from the CPU numba compiles for (the host's features unless
+    NUMBA_CPU_NAME names another CPU)."""
+    name = numba.config.CPU_NAME
+    if name is None:
+        f = llvm.get_host_cpu_features()
+        if f.get("avx512vnni", False) and f.get("avx512bw", False):
+            return "vnni"
+        return "avx2" if f.get("avx2", False) else "portable"
+    if name == "host":
+        name = llvm.get_host_cpu_name()
+    return "vnni" if name in _VNNI_CPUS else "avx2" if name in _AVX2_CPUS else "portable"
+
+
+PATH = integer_path()
+
+
+def _halves(gen: Gen, v):
+    return gen.shuffle(v, v, list(range(32))), gen.shuffle(v, v, list(range(32, 64)))
+
+
+def _dot4(gen: Gen, acc, w, a, signed: bool):
+    """acc + per 32-bit lane l: sum_i w[4l+i] * a[4l+i] (w u8, or s8 when `signed`; a s8),
+    except on VNNI with signed weights, where w is read as w + 128 (the caller subtracts
+    128 * sum(a) per block)."""
+    b = gen.b
+    if PATH == "vnni":
+        if signed:
+            w = b.xor(w, ir.Constant(V64B, [128] * 64))
+        args = [acc, b.bitcast(w, VI), b.bitcast(a, VI)]
+        return gen.call("llvm.x86.avx512.vpdpbusd.512", VI, args)
+    if PATH == "avx2":
+        ones = ir.Constant(ir.VectorType(I16, 16), [1] * 16)
+        parts = []
+        for wh, ah in zip(_halves(gen, w), _halves(gen, a), strict=True):
+            if signed:  # |w| * (a with w's sign): pmaddubsw wants unsigned weights
+                ah = gen.call("llvm.x86.avx2.psign.b", V32B, [ah, wh])
+                wh = gen.call("llvm.abs.v32i8", V32B, [wh, ir.Constant(ir.IntType(1), 0)])
+            p16 = gen.call("llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(I16, 16), [wh, ah])
+            parts.append(gen.call("llvm.x86.avx2.pmadd.wd", ir.VectorType(I32, 8), [p16, ones]))
+        return b.add(acc, gen.shuffle(parts[0], parts[1], list(range(16))))
+    v64 = ir.VectorType(I32, 64)
+    p = b.mul(b.sext(w, v64) if signed else b.zext(w, v64), b.sext(a, v64))
+    s = [gen.shuffle(p, p, [4 * lane + i for lane in range(16)]) for i in range(4)]
+    return b.add(acc, b.add(b.add(s[0], s[1]), b.add(s[2], s[3])))
+
+
+def _halves_to_float(gen: Gen, h):
+    """<16 x i16> f16 bits -> <16 x float>: fpext where the CPU converts halves (F16C), else
+    by the bits (LLVM would call a runtime helper that numba does not link)."""
+    b = gen.b
+    if PATH != "portable":
+        return b.fpext(b.bitcast(h, ir.VectorType(ir.HalfType(), 16)), VF)
+    v = b.zext(h, VI)
+    sign = b.shl(b.and_(v, _vi(0x8000)), _vi(16))
+    em = b.and_(v, _vi(0x7FFF))
+    # exponent and mantissa moved into float position, then scaled by 2^112: exact for
+    # normal and subnormal halves; inf and nan keep an all-ones exponent
+    f = b.fmul(b.bitcast(b.shl(em, _vi(13)), VF), ir.Constant(VF, [2.0**112] * 16))
+    special = b.or_(b.shl(em, _vi(13)), _vi(0x7F800000))
+    bits = b.select(b.icmp_unsigned(">=", em, _vi(0x7C00)), special, b.bitcast(f, VI))
+    return b.bitcast(b.or_(bits, sign), VF)
+
+
+def _vi(v: int):
+    return ir.Constant(VI, [v] * 16)
+
+
+def _splat4(gen: Gen, data, idx):
+    """The 4 activation bytes at data[idx] broadcast to 64 bytes."""
+    b = gen.b
+    word = b.load(b.bitcast(b.gep(data, [idx]), I32.as_pointer()), align=1)
+    return b.bitcast(gen.splat(word, VI), V64B)
+
+
+class _Layout(NamedTuple):
+    q4: bool  # nibbles (else signed bytes)
+    mins: bool  # a min per block (Q4_1: W = d * q + m)
+
+
+def _layout_of(planes) -> _Layout | None:
+    """The layout a numba plane-tuple type holds (module docstring), None if none."""
+    if not isinstance(planes, types.BaseTuple) or len(planes) not in (2, 3):
+        return None
+    dtypes = tuple(str(p.dtype) for p in planes)
+    return {
+        ("uint8", "uint16"): _Layout(True, False),
+        ("int8", "uint16"): _Layout(False, False),
+        ("uint8", "uint16", "uint16"): _Layout(True, True),
+    }.get(dtypes)
+
+
+def _codegen(lay: _Layout):
+    chunks = 4 if lay.q4 else 8  # 4-byte chunks per block per row
+    block_bytes = GROUP * 4 * chunks
+    # the correction each block's integer sum needs: Q4_0's nibbles are read unsigned
+    # (- 8 * sum(a)); Q8_0 on VNNI is read offset by 128; Q4_1's nibbles are its q
+    offset = (0 if lay.mins else 8) if lay.q4 else 128 if PATH == "vnni" else 0
+
+    def codegen(context, builder, sig, args):
+        gen, b = Gen(context, builder), builder
+        p = gen.arrays(sig.args[0], cgutils.unpack_tuple(b, args[0]))
+        (q, qw), (d, dw) = p[0], p[1]
+        (xq, xw), (xd, xdw), (xs, _), (xm, _), (out, _) = gen.arrays(
+            [sig.args[i] for i in (1, 2, 3, 4, 9)], [args[i] for i in (1, 2, 3, 4, 9)]
+        )
+        t, b0, b1, g = gen.ints(sig.args[5:9], args[5:9])
+        qbase = b.mul(b.mul(g, i64(GROUP)), qw)
+        dbase = b.mul(b.mul(g, i64(GROUP)), dw)
+        xrow, xdrow = b.mul(t, xw), b.mul(t, xdw)
+        acc = cgutils.alloca_once_value(b, ZERO)
+        low = ir.Constant(V64B, [15] * 64)
+        four = ir.Constant(V64B, [4] * 64)
+        izero = ir.Constant(VI, [0] * 16)
+        v16 = ir.VectorType(I16, 16).as_pointer()
+        with cgutils.for_range(b, b.sub(b1, b0)) as loop:
+            j = loop.index  # block b0 + j; activations are indexed from b0
+            wbase = b.add(qbase, b.mul(b.add(b0, j), i64(block_bytes)))
+            abase = b.add(xrow, b.mul(j, i64(32)))
+            s0, s1 = izero, izero
+            for c in range(chunks):
+                wptr = b.gep(q, [b.add(wbase, i64(64 * c))])
+                w = b.load(b.bitcast(wptr, V64B.as_pointer()), align=1)
+                a = _splat4(gen, xq, b.add(abase, i64(4 * c)))
+                if lay.q4:  # low nibbles: weights 4c.., high: 16 + 4c..
+                    s0 = _dot4(gen, s0, b.and_(w, low), a, False)
+                    a_hi = _splat4(gen, xq, b.add(abase, i64(16 + 4 * c)))
+                    s1 = _dot4(gen, s1, b.lshr(w, four), a_hi, False)
+                elif c % 2 == 0:
+                    s0 = _dot4(gen, s0, w, a, True)
+                else:
+                    s1 = _dot4(gen, s1, w, a, True)
+            isum = b.add(s0, s1)
+            at = b.add(xdrow, j)
+            if offset:
+                corr = b.mul(gen.load((xs, None), None, at), ir.Constant(I32, offset))
+                isum = b.sub(isum, gen.splat(corr, VI))
+            doff = b.add(dbase, b.mul(b.add(b0, j), i64(GROUP)))
+            dv = b.load(b.bitcast(b.gep(d, [doff]), v16), align=1)
+            scale = b.fmul(_halves_to_float(gen, dv), gen.splat(gen.load((xd, None), None, at)))
+            v = gen.fma(b.sitofp(isum, VF), scale, b.load(acc))
+            if lay.mins:  # + m * s, s = d_x * sum(a) as ggml's Q8_1 keeps it
+                mv = b.load(b.bitcast(b.gep(p[2][0], [doff]), v16), align=1)
+                v = gen.fma(_halves_to_float(gen, mv), gen.splat(gen.load((xm, None), None, at)), v)
+            b.store(v, acc)
+        b.store(b.load(acc), b.bitcast(out, VF.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@intrinsic
+def _dot16(typingctx, planes, xq, xd, xs, xm, t, b0, b1, g, out):
+    """out[l] = sum over blocks b in [b0, b1) of f16(d[16g+l, b]) * xd[t, b - b0] * (integer
+    dot of block b of row 16g+l with xq[t, 32(b - b0):+32]) (+ f16(m[16g+l, b]) * xm[t,
+    b - b0] with mins), l < 16."""
+    lay = _layout_of(planes)
+    if lay is None:
+        return None
+    return types.void(planes, xq, xd, xs, xm, t, b0, b1, g, out), _codegen(lay)
+
+
+@njit(cache=True, nogil=True)
+def _rows(planes, xq, xd, xs, xm, out, r0, r1, b0, b1, ooff):
+    tmp = np.empty(GROUP, np.float32)
+    for g in range(r0 // GROUP, (r1 + GROUP - 1) // GROUP):
+        lo, hi = max(GROUP * g, r0), min(GROUP * g + GROUP, r1)
+        for t in range(xq.shape[0]):  # the group's weights stay in L1/L2 for the next token
+            _dot16(planes, xq, xd, xs, xm, t, b0, b1, g, tmp)
+            for r in range(lo, hi):
+                out[t, r - ooff] = tmp[r - GROUP * g]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _par(planes, xq, xd, xs, xm, out, r0, r1, b0, b1, ooff, nt):
+    g0, g1 = r0 // GROUP, (r1 + GROUP - 1) // GROUP
+    for c in prange(nt):
+        a = g0 + (g1 - g0) * c // nt
+        e = g0 + (g1 - g0) * (c + 1) // nt
+        if e > a:
+            _rows(planes, xq, xd, xs, xm, out, max(GROUP * a, r0), min(GROUP * e, r1), b0, b1, ooff)
+
+
+class _Interleaved:
+    """A weight kind of this module (module docstring): `base` is the plain kind of the same
+    GGUF blocks (for dequantize), `header` the bytes of f16 scales ahead of a block's quants."""
+
+    BLOCK = 32
+
+    def __init__(self, base, q4: bool, mins: bool) -> None:
+        self.base, self.q4, self.mins = base, q4, mins
+        self.KIND = base.KIND + "x16"
+        self.BLOCK_BYTES = base.BLOCK_BYTES
+        self.header = 4 if mins else 2
+        self.chunks = 4 if q4 else 8
+
+    def from_raw(self, raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, ...]:
+        """GGUF bytes of a [rows, cols] matrix (rows a multiple of 16) -> planes."""
+        if rows % GROUP:
+            raise ValueError(f"{self.KIND} needs rows in multiples of {GROUP}, got {rows}")
+        B, G, c, h = cols // 32, rows // GROUP, self.chunks, self.header
+        blk = raw.reshape(G, GROUP, B, self.BLOCK_BYTES)
+        qs = blk[..., h:].reshape(G, GROUP, B, c, 4).transpose(0, 2, 3, 1, 4)
+        q = np.ascontiguousarray(qs).reshape(rows, -1)
+        if not self.q4:
+            q = q.view(np.int8)
+        halves = np.ascontiguousarray(blk[..., :h]).view(np.uint16)  # [G, 16, B, h / 2]
+        scales = [
+            np.ascontiguousarray(halves[..., k].transpose(0, 2, 1)).reshape(rows, B)
+            for k in range(h // 2)
+        ]
+        return (q, *scales)
+
+    def to_raw(self, planes: tuple[np.ndarray, ...], rows: int, cols: int) -> np.ndarray:
+        """The inverse of from_raw: GGUF bytes [rows * blocks * block bytes]."""
+        q, *scales = planes
+        B, G, c, h = cols // 32, rows // GROUP, self.chunks, self.header
+        raw = np.empty((G, GROUP, B, self.BLOCK_BYTES), np.uint8)
+        for k, sc in enumerate(scales):
+            sg = np.ascontiguousarray(sc.reshape(G, B, GROUP).transpose(0, 2, 1))
+            raw[..., 2 * k : 2 * k + 2] = sg.view(np.uint8).reshape(G, GROUP, B, 2)
+        qs = q.view(np.uint8).reshape(G, B, c, GROUP, 4).transpose(0, 3, 1, 2, 4)
+        raw[..., h:] = qs.reshape(G, GROUP, B, 4 * c)
+        return raw.reshape(-1)
+
+    def dequantize(self, planes: tuple[np.ndarray, ...], rows: int, cols: int) -> np.ndarray:
+        raw = self.to_raw(planes, rows, cols)
+        return self.base.dequantize(self.base.from_raw(raw, rows, cols), rows, cols)
+
+    def run(self, planes, x, out, r0, r1, c0, c1, xoff, ooff, nt, per_token=False) -> None:
+        """out[:, r0-ooff:r1-ooff] = q8(x[:, c0-xoff:c1-xoff]) . W[r0:r1, c0:c1] on nt
+        threads; every token the same way whatever the batch (`per_token` is always so)."""
+        xq, xd, xs, xm = act_q8.quantize(x, c0 - xoff, c1 - xoff)
+        b0, b1 = c0 // 32, c1 // 32
+        if nt == 1:
+            _rows(planes, xq, xd, xs, xm, out, r0, r1, b0, b1, ooff)
+        else:
+            _par(planes, xq, xd, xs, xm, out, r0, r1, b0, b1, ooff, nt)
+
+
+Q4_0X16 = _Interleaved(mm_q4_0, True, False)
+Q8_0X16 = _Interleaved(mm_q8_0, False, False)
+Q4_1X16 = _Interleaved(mm_gguf.Q4_1, True, True)

@@ -1,0 +1,243 @@
+"""8-bit activations: ggml's activation quantization, the row-interleaved integer kernels
+(VNNI, AVX2 and portable paths) against NumPy and against ggml's own dot products."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import numba
+import numpy as np
+import pytest
+
+from mer.kernels import act_q8, mm_x16
+from mer.kernels import matmul as mm
+from mer.kernels.quantize import quantize_blocks
+
+KINDS = {"q4_0": mm_x16.Q4_0X16, "q8_0": mm_x16.Q8_0X16, "q4_1": mm_x16.Q4_1X16}
+X86 = platform.machine() in ("x86_64", "AMD64")
+
+
+def q4_1_blocks(w: np.ndarray) -> np.ndarray:
+    """GGUF Q4_1 bytes [N, B, 20] of float32 w (min/max per block, as ggml's reference)."""
+    n, k = w.shape
+    b = w.reshape(n, k // 32, 32)
+    lo, hi = b.min(-1), b.max(-1)
+    d = ((hi - lo) / 15).astype(np.float16)
+    m = lo.astype(np.float16)
+    step = np.where(d == 0, 1, d.astype(np.float32))[..., None]
+    q = np.clip(np.round((b - m.astype(np.float32)[..., None]) / step), 0, 15).astype(np.uint8)
+    raw = np.empty((n, k // 32, 20), np.uint8)
+    raw[..., 0:2] = d[..., None].view(np.uint8)
+    raw[..., 2:4] = m[..., None].view(np.uint8)
+    raw[..., 4:] = q[..., :16] | (q[..., 16:] << 4)
+    return raw
+
+
+def blocks(kind: str, w: np.ndarray) -> np.ndarray:
+    """GGUF bytes [N, B, block bytes] of w; Q8_0 weights include -128 as a file may."""
+    if kind == "q4_1":
+        return q4_1_blocks(w)
+    raw = quantize_blocks(w, kind).reshape(w.shape[0], w.shape[1] // 32, -1)
+    if kind == "q8_0":
+        raw[0, 0, 2] = 128  # int8 -128
+    return raw
+
+
+def reference(kind: str, raw: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """float64 [n, N]: ggml's arithmetic per block, summed exactly: f16(d_w) f16(d_x) isum
+    (+ f16(m_w) * Q8_1's f16(s_x) for Q4_1), with the activations quantized by act_q8."""
+    n_rows, nb = raw.shape[:2]
+    xq, xd, _, xm = act_q8.quantize(x, 0, 32 * nb)
+    h = 4 if kind == "q4_1" else 2
+    d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)
+    if kind == "q8_0":
+        q = raw[..., 2:].view(np.int8).astype(np.int64)
+    else:
+        qs = raw[..., h:]
+        q = np.concatenate([qs & 15, qs >> 4], -1).astype(np.int64) - (8 if kind == "q4_0" else 0)
+    isum = np.einsum("rbj,tbj->trb", q, xq.reshape(len(x), nb, 32).astype(np.int64))
+    out = isum * d[None] * xd[:, None, :].astype(np.float64)
+    if kind == "q4_1":
+        m = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+        out = out + m[None] * xm[:, None, :].astype(np.float64)
+    return out.sum(-1)
+
+
+def ggml_cpu() -> ctypes.CDLL:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-cpu.so"))
+    lib.ggml_cpu_init()
+    return lib
+
+
+def ggml_blocks(lib: ctypes.CDLL, name: str, x: np.ndarray, size: int) -> np.ndarray:
+    out = np.zeros((x.shape[1] // 32) * size, np.uint8)
+    fn = getattr(lib, name)
+    fn(x.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p), x.shape[1])
+    return out.reshape(-1, size)
+
+
+def activations_rng(rng, n: int, k: int) -> np.ndarray:
+    x = (rng.standard_normal((n, k)) * rng.uniform(0.01, 30, (n, 1))).astype(np.float32)
+    x[0, :32] = 0.0  # a zero block: d = 0, every q = 0
+    if k < 96:
+        return x
+    x[-1, 32:64] = np.arange(32, dtype=np.float32) - 15.5  # amax 16.5: x * 127/16.5 has ties?
+    x[-1, 64:96] = np.where(np.arange(32) % 2, 2.5, -127.0)  # amax 127: 2.5 is a tie, to 2
+    return x
+
+
+@pytest.mark.skipif(not X86, reason="ggml's x86 quantizer is the reference")
+def test_activation_quantization_bit_identical_to_ggml():
+    lib = ggml_cpu()
+    rng = np.random.default_rng(0)
+    x = activations_rng(rng, 4, 32 * 37)
+    for t in range(len(x)):
+        row = np.ascontiguousarray(x[t : t + 1])
+        want = ggml_blocks(lib, "quantize_row_q8_0", row, 34)
+        np.testing.assert_array_equal(act_q8.blocks(row).reshape(-1, 34), want)
+        q8_1 = ggml_blocks(lib, "quantize_row_q8_1", row, 36)
+        xq, xd, xs, xm = act_q8.quantize(row, 0, row.shape[1])
+        np.testing.assert_array_equal(q8_1[:, 4:].view(np.int8), xq.reshape(-1, 32))
+        np.testing.assert_array_equal(q8_1[:, :2].copy().view(np.float16)[:, 0], xd[0])
+        np.testing.assert_array_equal(q8_1[:, 2:4].copy().view(np.float16)[:, 0], xm[0])
+        np.testing.assert_array_equal(xs[0], xq.reshape(-1, 32).astype(np.int32).sum(-1))
+    assert act_q8.blocks(x[-1:])[0, 2, 2 + 1] == 2  # the tie went to even
+
+
+@pytest.mark.skipif(not X86, reason="ggml's x86 dot products are the reference")
+@pytest.mark.parametrize("kind", KINDS)
+def test_dot_products_equal_ggml(kind):
+    lib = ggml_cpu()
+    rng = np.random.default_rng(1)
+    n_rows, k = 32, 32 * 19
+    raw = blocks(kind, rng.standard_normal((n_rows, k)).astype(np.float32))
+    x = activations_rng(rng, 1, k)
+    act = {"q4_1": ("quantize_row_q8_1", 36)}.get(kind, ("quantize_row_q8_0", 34))
+    y = ggml_blocks(lib, act[0], x, act[1])
+    dot = getattr(lib, f"ggml_vec_dot_{kind}_{'q8_1' if kind == 'q4_1' else 'q8_0'}")
+    want = np.zeros(n_rows, np.float32)
+    for r in range(n_rows):
+        s = ctypes.c_float()
+        row = np.ascontiguousarray(raw[r])
+        dot(k, ctypes.byref(s), 0, row.ctypes.data_as(ctypes.c_void_p), 0,
+            y.ctypes.data_as(ctypes.c_void_p), 0, 1)  # fmt: skip
+        want[r] = s.value
+    w = mm.from_gguf_blocks(raw.reshape(-1), kind, n_rows, k, activations="q8")
+    assert w.kind == kind + "x16"
+    got = mm.matmul(w, x)[0]
+    # the same products; only the float summation order differs
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+
+
+CHECK = """
+import numpy as np
+from mer.kernels import mm_x16
+from mer.kernels import matmul as mm
+from tests.kernels.test_q8_activations import KINDS, activations_rng, blocks, reference
+
+print(mm_x16.PATH)
+rng = np.random.default_rng(2)
+for kind in KINDS:
+    for n_rows, nb in ((16, 1), (48, 3), (32, 17), (64, 40)):
+        raw = blocks(kind, rng.standard_normal((n_rows, 32 * nb)).astype(np.float32))
+        w = mm.from_gguf_blocks(raw.reshape(-1), kind, n_rows, 32 * nb, activations="q8")
+        x = activations_rng(rng, 3, 32 * nb)
+        want = reference(kind, raw, x)
+        scale = 2e-6 * np.abs(want).max() + 1e-30
+        got = mm.matmul(w, x)
+        assert np.abs(got - want).max() <= scale, (kind, n_rows, nb, np.abs(got - want).max())
+        # a row range and a column range cut through groups and blocks
+        if nb > 1:
+            r0, r1, c0 = 5, n_rows - 3, 32
+            part = mm.matmul(w, x, row_range=(r0, r1), col_range=(c0, 32 * nb))
+            sub = reference(kind, raw[r0:r1, 1:], np.ascontiguousarray(x[:, c0:]))
+            assert np.abs(part[:, r0:r1] - sub).max() <= scale
+            assert not part[:, :r0].any() and not part[:, r1:].any()
+print("ok")
+"""
+
+
+def run_check(env_extra: dict[str, str], tmp_path) -> str:
+    env = {**os.environ, **env_extra, "NUMBA_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(CHECK)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )
+    assert proc.returncode == 0 and proc.stdout.split()[-1] == "ok", proc.stderr[-3000:]
+    return proc.stdout.split()[0]
+
+
+def test_integer_kernels_against_numpy_on_this_cpu():
+    exec(compile(textwrap.dedent(CHECK), "check", "exec"), {})
+
+
+@pytest.mark.skipif(not X86, reason="x86 CPU names")
+@pytest.mark.parametrize(("cpu", "path"), [("haswell", "avx2"), ("generic", "portable")])
+def test_forced_paths(cpu, path, tmp_path):
+    # A pinned CPU compiles its own kernels (numba keys its cache by CPU) and takes its path.
+    assert run_check({"NUMBA_CPU_NAME": cpu}, tmp_path) == path
+
+
+def test_this_cpu_path():
+    feats = __import__("llvmlite.binding", fromlist=["x"]).get_host_cpu_features()
+    if numba.config.CPU_NAME is None and feats.get("avx512vnni") and feats.get("avx512bw"):
+        assert mm_x16.PATH == "vnni"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batch_invariance(kind):
+    # each token alone, or among others, on one thread or two: the same bits
+    rng = np.random.default_rng(3)
+    raw = blocks(kind, rng.standard_normal((96, 32 * 9)).astype(np.float32))
+    w = mm.from_gguf_blocks(raw.reshape(-1), kind, 96, 32 * 9, activations="q8")
+    x = activations_rng(rng, 7, 32 * 9)
+    threads = mm.get_num_threads()
+    try:
+        outs = []
+        for nt in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            mm.set_num_threads(nt, adaptive=False)
+            outs.append(mm.matmul(w, x))
+            outs += [np.concatenate([mm.matmul(w, x[t : t + 1]) for t in range(len(x))])]
+    finally:
+        mm.set_num_threads(threads)
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_packing(kind):
+    rng = np.random.default_rng(4)
+    raw = blocks(kind, rng.standard_normal((48, 96)).astype(np.float32)).reshape(-1)
+    plain = mm.from_gguf_blocks(raw, kind, 48, 96)
+    assert plain.kind == kind  # f32 is the process's default
+    w = mm.from_gguf_blocks(raw, kind, 48, 96, activations="q8")
+    assert w.nbytes == plain.gguf_nbytes == w.gguf_nbytes  # exactly GGUF-sized
+    np.testing.assert_array_equal(KINDS[kind].to_raw(w.planes, 48, 96), raw)
+    np.testing.assert_array_equal(mm.dequantize(w), mm.dequantize(plain))
+    assert [(p.dtype.str, p.shape) for p in w.planes] == [
+        (dtype, shape) for dtype, shape in mm.plane_specs(w.kind, 48, 96)
+    ]
+    assert mm.requantize(w, kind) is w
+    # rows that are not whole groups keep the plain kind (float activations)
+    odd = np.ascontiguousarray(raw[: 40 * len(raw) // 48])
+    assert mm.from_gguf_blocks(odd, kind, 40, 96, activations="q8").kind == kind
+    with pytest.raises(ValueError, match="multiple of 16"):
+        mm.plane_specs(w.kind, 40, 96)
+    with mm.packing("q8"):
+        assert mm.from_gguf_blocks(raw, kind, 48, 96).kind == w.kind
+    assert mm.activations() == "f32"
+
+
+def test_unknown_mode():
+    with pytest.raises(ValueError, match="activations must be one of f32, q8"):
+        mm.set_activations("int4")
