@@ -134,15 +134,16 @@ def _median(row: dict | None, key: str) -> float | None:
 def _ratios(p: sc.Plan, fig: dict, report: dict) -> None:
     ram = fig["ram"]
     for name in {n.split(" | ")[0] for n in ram}:
-        mer = _median(ram.get(f"{name} | mer"), "decode_tok_s")
-        for peer in ("llama.cpp", "llama.cpp, repack off"):
-            theirs = _median(ram.get(f"{name} | {peer}"), "decode_tok_s")
-            pre_m = _median(ram.get(f"{name} | mer"), "prefill_tok_s")
-            pre_t = _median(ram.get(f"{name} | {peer}"), "prefill_tok_s")
-            fig.setdefault("ram_ratios", {})[f"{name} | mer / {peer}"] = {
-                "decode": _ratio(mer, theirs),
-                "prefill": _ratio(pre_m, pre_t),
-            }
+        for engine in ("mer", sc.Q8):
+            ours = ram.get(f"{name} | {engine}")
+            for peer in ("llama.cpp", "llama.cpp, repack off"):
+                theirs = ram.get(f"{name} | {peer}")
+                fig.setdefault("ram_ratios", {})[f"{name} | {engine} / {peer}"] = {
+                    phase: _ratio(
+                        _median(ours, f"{phase}_tok_s"), _median(theirs, f"{phase}_tok_s")
+                    )
+                    for phase in ("decode", "prefill")
+                }
     disk = fig["disk"]
     if not disk:
         return

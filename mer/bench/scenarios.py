@@ -1,7 +1,8 @@
 """The scenarios of `mer bench`: what is measured, on which models, against which peer.
 
-- in RAM: decode and prefill tokens/s of mer and llama.cpp on the same GGUF file, same
-  threads; llama.cpp with its weight repacking (its default) and without.
+- in RAM: decode and prefill tokens/s of mer (float activations, and 8-bit ones) and
+  llama.cpp on the same GGUF file, same threads; llama.cpp with its weight repacking (its
+  default) and without.
 - larger than memory: a model several times the memory cap, both engines under the cap
   (page cache included), the page cache dropped before each trial: seconds per token, bytes
   read per token, the cache's figures, and the bound (Belady's bytes at the best read speed
@@ -17,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mer.bench.cgroup import MemoryCap, drop_page_cache
@@ -25,6 +26,7 @@ from mer.bench.trials import Config
 from mer.synth import SHAPES, Shape
 
 GiB = 1 << 30
+Q8 = "mer, q8 activations"  # the in-RAM configuration of mer with 8-bit activations
 PROMPT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
     "combined movable metal type, oil-based ink and a wooden screw press. Within fifty years, "
@@ -76,9 +78,24 @@ def plan(
     trials: int,
     scenarios: tuple[str, ...],
     disk_shape: str = "mixtral-8x7b",
+    ram_models: tuple[str, ...] = (),
 ) -> Plan:
     """The plan of a run; `disk_shape` names the larger-than-memory model's shape (SHAPES),
-    whose cache budgets are a quarter, a half and three quarters of the memory cap."""
+    whose cache budgets are a quarter, a half and three quarters of the memory cap;
+    `ram_models`, when given, keeps the in-RAM models whose names contain one of them
+    (case-insensitive; ValueError when none does)."""
+    p = _plan(quick, workdir, threads, cap_bytes, trials, scenarios, disk_shape)
+    if not ram_models:
+        return p
+    wanted = [w.lower() for w in ram_models]
+    kept = tuple(m for m in p.ram_models if any(w in m[0].lower() for w in wanted))
+    if not kept:
+        names = "; ".join(m[0] for m in p.ram_models)
+        raise ValueError(f"--ram-models {' '.join(ram_models)}: no in-RAM model matches ({names})")
+    return replace(p, ram_models=kept)
+
+
+def _plan(quick, workdir, threads, cap_bytes, trials, scenarios, disk_shape) -> Plan:
     if quick:
         return Plan(
             quick=True,
@@ -168,6 +185,7 @@ def ram_configs(p: Plan, models: dict[str, Path], ids: list[int]) -> list[Config
         }
         configs += [
             Config(f"{name} | mer", "ram", "mer", {**spec, "kind": "mer"}),
+            Config(f"{name} | {Q8}", "ram", "mer", {**spec, "kind": "mer", "activations": "q8"}),
             Config(f"{name} | llama.cpp", "ram", "llama.cpp", {**spec, "kind": "llama"}),
             Config(
                 f"{name} | llama.cpp, repack off",

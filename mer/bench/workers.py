@@ -5,7 +5,8 @@ Each engine gets the same token ids: a prefill of the prompt, then greedy decodi
 token at a time; only those two phases are timed. The kinds:
 
 - "mer": mer on a GGUF file or store, every expert resident, or streamed through a cache of
-  `cache_bytes`; streamed trials add the cache's figures for the decode phase alone.
+  `cache_bytes`; streamed trials add the cache's figures for the decode phase alone;
+  `activations` as `mer.load_model` takes it.
 - "llama": llama.cpp (llama-cpp-python) on a GGUF file with its weights memory-mapped,
   its CPU weight repacking on (its default) or off (`repack`: false).
 """
@@ -37,6 +38,7 @@ def run_mer(spec: dict) -> dict:
         cache_bytes=spec.get("cache_bytes"),
         prefetch=spec.get("prefetch", True),
         coalesce=spec.get("coalesce", True),
+        activations=spec.get("activations"),
     )
     if spec.get("threads"):
         matmul.set_num_threads(spec["threads"])

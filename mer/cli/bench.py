@@ -57,6 +57,12 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
         help="shape of the larger-than-memory model (mer synth's presets: qwen3-30b-a3b for "
         "many small experts, deepseek-v2-lite for latent attention and shared experts)",
     )
+    p.add_argument(
+        "--ram-models",
+        nargs="+",
+        metavar="TEXT",
+        help="only the in-RAM models whose names contain one of these (e.g. smollm2 qwen3)",
+    )
     p.add_argument("--threads", type=whole(1), help="threads of both engines (default: all cores)")
     p.add_argument("--trials", type=whole(1), default=3, help="clean trials per configuration")
     p.set_defaults(run=run_bench)
@@ -88,6 +94,7 @@ def run_bench(opts: argparse.Namespace) -> int:
             opts.trials,
             tuple(opts.scenarios),
             opts.disk_shape,
+            tuple(opts.ram_models or ()),
         )
     except ValueError as err:
         raise FlagError(str(err)) from None

@@ -49,6 +49,51 @@ def quantize(x: np.ndarray, c0: int, c1: int) -> tuple[np.ndarray, ...]:
     return xq, xd.astype(half).astype(np.float32), xs, xm.astype(half).astype(np.float32)
 
 
+@njit(cache=True, nogil=True)
+def _quantize_k(x, c0, xq, xd, xs):
+    n, K = xq.shape
+    f0 = np.float32(0.0)
+    for t in range(n):
+        for s in range(K // 256):
+            base = c0 + 256 * s
+            amax = f0
+            big = f0  # the value of largest magnitude, the first one on ties
+            for j in range(256):
+                a = abs(x[t, base + j])
+                if a > amax:
+                    amax = a
+                    big = x[t, base + j]
+            if amax == f0:
+                xd[t, s] = f0
+                for j in range(256):
+                    xq[t, 256 * s + j] = 0
+            else:
+                iscale = np.float32(-127.0) / big
+                for j in range(256):
+                    q = np.int32(np.rint(iscale * x[t, base + j]))  # nearest_int: half to even
+                    xq[t, 256 * s + j] = min(127, q)
+                xd[t, s] = np.float32(1.0) / iscale
+            for u in range(16):
+                acc = 0
+                for j in range(16):
+                    acc += xq[t, 256 * s + 16 * u + j]
+                xs[t, 16 * s + u] = acc
+
+
+def quantize_k(x: np.ndarray, c0: int, c1: int) -> tuple[np.ndarray, ...]:
+    """Columns [c0, c1) of float32 x [n, *] (c1 - c0 a multiple of 256) as ggml's Q8_K, the
+    activations of the K-quants (quantize_row_q8_K_ref, which ggml's CPU backend runs on
+    x86): per 256, the value of largest magnitude m, q = min(127, round-half-even(x * -127 /
+    m)), d = 1 / (-127 / m) as float32. Returns (q int8 [n, K], d float32 [n, K/256],
+    s int32 [n, K/16] = the sum of each run of 16 q, ggml's bsums)."""
+    n, K = x.shape[0], c1 - c0
+    xq = np.empty((n, K), np.int8)
+    xd = np.empty((n, K // 256), np.float32)
+    xs = np.empty((n, K // 16), np.int32)
+    _quantize_k(x, c0, xq, xd, xs)
+    return xq, xd, xs
+
+
 def blocks(x: np.ndarray) -> np.ndarray:
     """float32 [n, K] -> GGUF Q8_0 bytes [n, K/32, 34], as ggml's CPU backend writes them."""
     xq, xd, _, _ = quantize(np.ascontiguousarray(x, np.float32), 0, x.shape[1])

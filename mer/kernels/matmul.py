@@ -26,15 +26,13 @@ from .threads import ThreadPolicy
 
 _KINDS: dict[str, ModuleType] = {
     m.KIND: m
-    for m in (
-        *(mm_f32, mm_half.F16, mm_half.BF16, mm_q8_0, mm_q4_0, *mm_gguf.KINDS, mm_gguf.MXFP4),
-        *(mm_x16.Q4_0X16, mm_x16.Q8_0X16, mm_x16.Q4_1X16),
-    )
+    for m in (mm_f32, mm_half.F16, mm_half.BF16, mm_q8_0, mm_q4_0, *mm_gguf.KINDS, mm_gguf.MXFP4)
+    + mm_x16.KINDS
 }
-# With 8-bit activations, these kinds (Q4_0, Q8_0, Q4_1) are packed row-interleaved for the
-# integer kernels (mm_x16) when their rows come in whole groups; the others keep float
-# activations.
-_INTEGER = {m.base.KIND: m.KIND for m in (mm_x16.Q4_0X16, mm_x16.Q8_0X16, mm_x16.Q4_1X16)}
+# With 8-bit activations, Q4_0, Q8_0, Q4_1, Q4_K and Q6_K are packed row-interleaved for
+# the integer kernels (mm_x16) when their rows come in whole groups; the other kinds keep
+# float activations.
+_INTEGER = {m.base.KIND: m.KIND for m in mm_x16.KINDS}
 _PLAIN = {v: k for k, v in _INTEGER.items()}
 ACTIVATIONS = ("f32", "q8")
 _activations = "f32"  # the process's default (set_activations) ...

@@ -31,7 +31,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import act_q8, mm_gguf, mm_q4_0, mm_q8_0
+from . import act_q8, mm_gguf, mm_q4_0, mm_q8_0, mm_subblock
 from .mm_sb_ir import I32, VF, VI, ZERO, Gen, i64
 
 I8, I16 = ir.IntType(8), ir.IntType(16)
@@ -201,15 +201,152 @@ def _codegen(lay: _Layout):
     return codegen
 
 
+K_PLANES = ("uint8", "uint8", "uint8", "uint16", "uint16")  # q4_kx16
+
+
+def _codegen_q4k(context, builder, sig, args):
+    # Per super-block s of 256: four 32-byte runs of nibbles (sub-blocks 2k low, 2k + 1
+    # high), each read as 8 chunks of 4 bytes x 16 rows; the exact sums of a sub-block are
+    # weighted by its 6-bit scale (integers), the mins by the activations' sums of 32, then
+    # acc += d_x d_w * isc - d_x dmin_w * imn, as ggml's Q4_K x Q8_K.
+    gen, b = Gen(context, builder), builder
+    (q, qw), (sc, scw), (mn, _), (d, dw), (dm, _) = gen.arrays(
+        sig.args[0], cgutils.unpack_tuple(b, args[0])
+    )
+    (xq, xw), (xd, xdw), (xs, xsw), (out, _) = gen.arrays(
+        [sig.args[i] for i in (1, 2, 3, 9)], [args[i] for i in (1, 2, 3, 9)]
+    )
+    t, b0, b1, g = gen.ints(sig.args[5:9], args[5:9])
+    g16 = b.mul(g, i64(GROUP))
+    qbase, sbase, dbase = b.mul(g16, qw), b.mul(g16, scw), b.mul(g16, dw)
+    acc = cgutils.alloca_once_value(b, ZERO)
+    low = ir.Constant(V64B, [15] * 64)
+    four = ir.Constant(V64B, [4] * 64)
+    izero = ir.Constant(VI, [0] * 16)
+    vb16 = ir.VectorType(I8, 16).as_pointer()
+    v16 = ir.VectorType(I16, 16).as_pointer()
+
+    def lanes(plane, at):  # 16 unsigned bytes -> <16 x i32>
+        return b.zext(b.load(b.bitcast(b.gep(plane, [at]), vb16), align=1), VI)
+
+    with cgutils.for_range(b, b.sub(b1, b0)) as loop:
+        j = loop.index  # super-block b0 + j; activations are indexed from b0
+        sb = b.add(b0, j)
+        wbase = b.add(qbase, b.mul(sb, i64(GROUP * 128)))
+        abase = b.add(b.mul(t, xw), b.mul(j, i64(256)))
+        sub_base = b.add(sbase, b.mul(sb, i64(GROUP * 8)))
+        xs_base = b.add(b.mul(t, xsw), b.mul(j, i64(16)))
+        isc, imn = izero, izero
+        for k in range(4):
+            s_lo, s_hi = izero, izero
+            for c in range(8):
+                wptr = b.gep(q, [b.add(wbase, i64(512 * k + 64 * c))])
+                w = b.load(b.bitcast(wptr, V64B.as_pointer()), align=1)
+                a_lo = _splat4(gen, xq, b.add(abase, i64(64 * k + 4 * c)))
+                a_hi = _splat4(gen, xq, b.add(abase, i64(64 * k + 32 + 4 * c)))
+                s_lo = _dot4(gen, s_lo, b.and_(w, low), a_lo, False)
+                s_hi = _dot4(gen, s_hi, b.lshr(w, four), a_hi, False)
+            for sub, part in ((2 * k, s_lo), (2 * k + 1, s_hi)):
+                at = b.add(sub_base, i64(GROUP * sub))
+                isc = b.add(isc, b.mul(part, lanes(sc, at)))
+                halves = [
+                    gen.load((xs, None), None, b.add(xs_base, i64(2 * sub + h))) for h in (0, 1)
+                ]
+                xsum = b.add(*halves)  # the sub-block's 32 from two sums of 16
+                imn = b.add(imn, b.mul(lanes(mn, at), gen.splat(xsum, VI)))
+        doff = b.add(dbase, b.mul(sb, i64(GROUP)))
+        dwv = _halves_to_float(gen, b.load(b.bitcast(b.gep(d, [doff]), v16), align=1))
+        dmv = _halves_to_float(gen, b.load(b.bitcast(b.gep(dm, [doff]), v16), align=1))
+        dx = gen.splat(gen.load((xd, None), None, b.add(b.mul(t, xdw), j)))
+        v = gen.fma(b.sitofp(isc, VF), b.fmul(dx, dwv), b.load(acc))
+        v = gen.fma(b.sitofp(imn, VF), b.fneg(b.fmul(dx, dmv)), v)
+        b.store(v, acc)
+    b.store(b.load(acc), b.bitcast(out, VF.as_pointer()), align=4)
+    return context.get_dummy_value()
+
+
+Q6K_PLANES = ("uint8", "uint8", "int8", "uint16")  # q6_kx16
+
+
+def _codegen_q6k(context, builder, sig, args):
+    # Per super-block of 256: four runs of 64 weights (sub-blocks 2k low nibbles, 2k + 1
+    # high), their 2 high bits from a plane shared by two runs; sums of 16 weights weighted
+    # by their int8 scales; q is read unsigned (0..63) and the - 32 comes back as
+    # 32 * sum(scale * sum of 16 activations); acc += d_x d_w * isum, as ggml's Q6_K x Q8_K.
+    gen, b = Gen(context, builder), builder
+    (q, qw), (hb, hw), (sc, scw), (d, dw) = gen.arrays(
+        sig.args[0], cgutils.unpack_tuple(b, args[0])
+    )
+    (xq, xw), (xd, xdw), (xs, xsw), (out, _) = gen.arrays(
+        [sig.args[i] for i in (1, 2, 3, 9)], [args[i] for i in (1, 2, 3, 9)]
+    )
+    t, b0, b1, g = gen.ints(sig.args[5:9], args[5:9])
+    g16 = b.mul(g, i64(GROUP))
+    qbase, hbase = b.mul(g16, qw), b.mul(g16, hw)
+    sbase, dbase = b.mul(g16, scw), b.mul(g16, dw)
+    acc = cgutils.alloca_once_value(b, ZERO)
+
+    def bytes_(v: int):
+        return ir.Constant(V64B, [v] * 64)
+
+    izero = ir.Constant(VI, [0] * 16)
+    vb16 = ir.VectorType(I8, 16).as_pointer()
+    v16 = ir.VectorType(I16, 16).as_pointer()
+    with cgutils.for_range(b, b.sub(b1, b0)) as loop:
+        j = loop.index
+        sb = b.add(b0, j)
+        wbase = b.add(qbase, b.mul(sb, i64(GROUP * 128)))
+        hbase_s = b.add(hbase, b.mul(sb, i64(GROUP * 64)))
+        abase = b.add(b.mul(t, xw), b.mul(j, i64(256)))
+        sc_base = b.add(sbase, b.mul(sb, i64(GROUP * 16)))
+        xs_base = b.add(b.mul(t, xsw), b.mul(j, i64(16)))
+        isc, ioff = izero, izero
+        for k in range(4):
+            parts = [izero] * 4  # groups of 16: low sub-block's two, then the high one's
+            shift = 4 * (k % 2)
+            for c in range(8):
+                wptr = b.gep(q, [b.add(wbase, i64(512 * k + 64 * c))])
+                w = b.load(b.bitcast(wptr, V64B.as_pointer()), align=1)
+                hptr = b.gep(hb, [b.add(hbase_s, i64(512 * (k // 2) + 64 * c))])
+                h = b.load(b.bitcast(hptr, V64B.as_pointer()), align=1)
+                top_lo = b.shl(b.and_(b.lshr(h, bytes_(shift)), bytes_(3)), bytes_(4))
+                top_hi = b.shl(b.and_(b.lshr(h, bytes_(shift + 2)), bytes_(3)), bytes_(4))
+                lo = b.or_(b.and_(w, bytes_(15)), top_lo)
+                hi = b.or_(b.lshr(w, bytes_(4)), top_hi)
+                a_lo = _splat4(gen, xq, b.add(abase, i64(64 * k + 4 * c)))
+                a_hi = _splat4(gen, xq, b.add(abase, i64(64 * k + 32 + 4 * c)))
+                half = c // 4
+                parts[half] = _dot4(gen, parts[half], lo, a_lo, False)
+                parts[2 + half] = _dot4(gen, parts[2 + half], hi, a_hi, False)
+            for n, part in enumerate(parts):
+                grp = 4 * k + n
+                scv = b.sext(
+                    b.load(b.bitcast(b.gep(sc, [b.add(sc_base, i64(GROUP * grp))]), vb16), align=1),
+                    VI,
+                )
+                isc = b.add(isc, b.mul(part, scv))
+                xsum = gen.load((xs, None), None, b.add(xs_base, i64(grp)))
+                ioff = b.add(ioff, b.mul(scv, gen.splat(xsum, VI)))
+        isum = b.sub(isc, b.mul(ioff, ir.Constant(VI, [32] * 16)))
+        doff = b.add(dbase, b.mul(sb, i64(GROUP)))
+        dwv = _halves_to_float(gen, b.load(b.bitcast(b.gep(d, [doff]), v16), align=1))
+        dx = gen.splat(gen.load((xd, None), None, b.add(b.mul(t, xdw), j)))
+        b.store(gen.fma(b.sitofp(isum, VF), b.fmul(dx, dwv), b.load(acc)), acc)
+    b.store(b.load(acc), b.bitcast(out, VF.as_pointer()), align=4)
+    return context.get_dummy_value()
+
+
 @intrinsic
 def _dot16(typingctx, planes, xq, xd, xs, xm, t, b0, b1, g, out):
     """out[l] = sum over blocks b in [b0, b1) of f16(d[16g+l, b]) * xd[t, b - b0] * (integer
     dot of block b of row 16g+l with xq[t, 32(b - b0):+32]) (+ f16(m[16g+l, b]) * xm[t,
-    b - b0] with mins), l < 16."""
+    b - b0] with mins), l < 16; Q4_K: blocks are super-blocks of 256 (_codegen_q4k)."""
+    sig = types.void(planes, xq, xd, xs, xm, t, b0, b1, g, out)
+    dtypes = tuple(str(p.dtype) for p in planes) if isinstance(planes, types.BaseTuple) else ()
+    if dtypes in (K_PLANES, Q6K_PLANES):
+        return sig, _codegen_q4k if dtypes == K_PLANES else _codegen_q6k
     lay = _layout_of(planes)
-    if lay is None:
-        return None
-    return types.void(planes, xq, xd, xs, xm, t, b0, b1, g, out), _codegen(lay)
+    return None if lay is None else (sig, _codegen(lay))
 
 
 @njit(cache=True, nogil=True)
@@ -290,6 +427,142 @@ class _Interleaved:
             _par(planes, xq, xd, xs, xm, out, r0, r1, b0, b1, ooff, nt)
 
 
+class _InterleavedQ4K:
+    """Q4_K against Q8_K activations: planes q uint8 [N, 128S] (flat per group [S, 4, 8, 16,
+    4]: byte 4c+i of the k-th 32-byte run of super-block s, row 16g+l), sc and mn uint8
+    [N, 8S] (flat [S, 8, 16]: the 6-bit scale and min of each sub-block), d and dmin uint16
+    [N, S] (flat [S, 16]); 148 bytes per 256 weights against GGUF's 144 (scales unpacked)."""
+
+    KIND, BLOCK, BLOCK_BYTES = "q4_kx16", 256, 144
+    base = mm_gguf.Q4_K
+
+    def from_raw(self, raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, ...]:
+        if rows % GROUP:
+            raise ValueError(f"{self.KIND} needs rows in multiples of {GROUP}, got {rows}")
+        S, G = cols // 256, rows // GROUP
+        blk = raw.reshape(G, GROUP, S, 144)
+
+        def grouped(a: np.ndarray) -> np.ndarray:  # [G, 16, S, ...] -> [N, S * ...] by group
+            order = (0, 2, *range(3, a.ndim), 1)
+            return np.ascontiguousarray(a.transpose(order)).reshape(rows, -1)
+
+        halves = np.ascontiguousarray(blk[..., :4]).view(np.uint16)  # [G, 16, S, 2]
+        sc, mn = mm_gguf.k_scales(blk[..., 4:16])  # [G, 16, S, 8]
+        q = blk[..., 16:].reshape(G, GROUP, S, 4, 8, 4).transpose(0, 2, 3, 4, 1, 5)
+        q = np.ascontiguousarray(q).reshape(rows, -1)
+        return q, grouped(sc), grouped(mn), grouped(halves[..., 0]), grouped(halves[..., 1])
+
+    def plain(self, planes: tuple[np.ndarray, ...], rows: int, cols: int) -> tuple:
+        """The same weights as mm_gguf.Q4_K's planes."""
+        q, sc, mn, d, dmin = planes
+        S, G = cols // 256, rows // GROUP
+
+        def rowwise(a: np.ndarray, inner: int) -> np.ndarray:  # inverse of grouped
+            a = a.reshape(G, S, inner, GROUP).transpose(0, 3, 1, 2)
+            return np.ascontiguousarray(a).reshape(rows, -1)
+
+        bytes_ = q.reshape(G, S, 4, 8, GROUP, 4).transpose(0, 4, 1, 2, 3, 5).reshape(rows, S, 4, 32)
+        w = np.stack([bytes_ & 15, bytes_ >> 4], axis=3).reshape(rows, -1, 32)
+        return (
+            mm_subblock.nibble_bytes(w),
+            rowwise(sc, 8),
+            rowwise(mn, 8),
+            rowwise(d, 1),
+            rowwise(dmin, 1),
+        )
+
+    def dequantize(self, planes: tuple[np.ndarray, ...], rows: int, cols: int) -> np.ndarray:
+        return self.base.dequantize(self.plain(planes, rows, cols), rows, cols)
+
+    def run(self, planes, x, out, r0, r1, c0, c1, xoff, ooff, nt, per_token=False) -> None:
+        """As _Interleaved.run, with Q8_K activations."""
+        xq, xd, xs = act_q8.quantize_k(x, c0 - xoff, c1 - xoff)
+        b0, b1 = c0 // 256, c1 // 256
+        if nt == 1:
+            _rows(planes, xq, xd, xs, xd, out, r0, r1, b0, b1, ooff)
+        else:
+            _par(planes, xq, xd, xs, xd, out, r0, r1, b0, b1, ooff, nt)
+
+
+def _q6_values(blk: np.ndarray) -> np.ndarray:
+    """GGUF Q6_K blocks [..., 210] -> their 6-bit q (0..63) [..., 256], in weight order."""
+    ql, qh = blk[..., :128], blk[..., 128:192]
+    out = []
+    for n in (0, 1):
+        lo, hi = ql[..., 64 * n : 64 * n + 64], qh[..., 32 * n : 32 * n + 32]
+        for m, (src, shift) in enumerate(((0, 0), (32, 0), (0, 4), (32, 4))):
+            nib = (lo[..., src : src + 32] >> shift) & 15
+            out.append(nib | (((hi >> (2 * m)) & 3) << 4))
+    return np.concatenate(out, axis=-1)
+
+
+def _q6_blocks(v: np.ndarray, scales: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """The inverse of _q6_values, with the int8 scales [..., 16] and f16 bits d [...]."""
+    blk = np.empty((*v.shape[:-1], 210), np.uint8)
+    for n in (0, 1):
+        part = v[..., 128 * n : 128 * n + 128].reshape(*v.shape[:-1], 4, 32)
+        blk[..., 64 * n : 64 * n + 32] = (part[..., 0, :] & 15) | ((part[..., 2, :] & 15) << 4)
+        blk[..., 64 * n + 32 : 64 * n + 64] = (part[..., 1, :] & 15) | ((part[..., 3, :] & 15) << 4)
+        top = sum(((part[..., m, :] >> 4) & 3) << (2 * m) for m in range(4))
+        blk[..., 128 + 32 * n : 160 + 32 * n] = top
+    blk[..., 192:208] = scales.view(np.uint8)
+    blk[..., 208:210] = d[..., None].view(np.uint8)
+    return blk
+
+
+class _InterleavedQ6K:
+    """Q6_K against Q8_K activations: planes nib uint8 [N, 128S] (flat per group [S, 4, 8,
+    16, 4]: low 4 bits of weights 64k+4c+i | of 64k+32+4c+i << 4), hb uint8 [N, 64S] (flat
+    [S, 2, 8, 16, 4]: the top 2 bits of weights 128k+32m+4c+i at bits 2m), sc int8 [N, 16S]
+    (flat [S, 16, 16]: the scale of each 16 weights), d uint16 [N, S] (flat [S, 16]):
+    exactly GGUF-sized."""
+
+    KIND, BLOCK, BLOCK_BYTES = "q6_kx16", 256, 210
+    base = mm_gguf.Q6_K
+
+    def from_raw(self, raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, ...]:
+        if rows % GROUP:
+            raise ValueError(f"{self.KIND} needs rows in multiples of {GROUP}, got {rows}")
+        S, G = cols // 256, rows // GROUP
+        blk = raw.reshape(G, GROUP, S, 210)
+        v = _q6_values(blk)  # [G, 16, S, 256]
+        runs = v.reshape(G, GROUP, S, 4, 2, 8, 4)
+        nib = (runs[..., 0, :, :] & 15) | ((runs[..., 1, :, :] & 15) << 4)  # [G, 16, S, 4, 8, 4]
+        tops = ((v >> 4) & 3).reshape(G, GROUP, S, 2, 4, 8, 4)
+        hb = sum(tops[..., m, :, :] << (2 * m) for m in range(4)).astype(np.uint8)
+
+        def grouped(a: np.ndarray) -> np.ndarray:  # [G, 16, S, ...] -> [N, ...] by group
+            order = (0, 2, *range(3, a.ndim - 1), 1, a.ndim - 1)
+            return np.ascontiguousarray(a.transpose(order)).reshape(rows, -1)
+
+        scales = np.ascontiguousarray(blk[..., 192:208]).view(np.int8)  # [G, 16, S, 16]
+        d = np.ascontiguousarray(blk[..., 208:210]).view(np.uint16)[..., 0]  # [G, 16, S]
+        sc_planes = np.ascontiguousarray(scales.transpose(0, 2, 3, 1)).reshape(rows, -1)
+        d_plane = np.ascontiguousarray(d.transpose(0, 2, 1)).reshape(rows, -1)
+        return grouped(nib), grouped(hb), sc_planes, d_plane
+
+    def to_raw(self, planes: tuple[np.ndarray, ...], rows: int, cols: int) -> np.ndarray:
+        nib, hb, sc, d = planes
+        S, G = cols // 256, rows // GROUP
+        nib = nib.reshape(G, S, 4, 8, GROUP, 4).transpose(0, 4, 1, 2, 3, 5)  # [G, 16, S, 4, 8, 4]
+        hb = hb.reshape(G, S, 2, 8, GROUP, 4).transpose(0, 4, 1, 2, 3, 5)  # [G, 16, S, 2, 8, 4]
+        low = np.stack([nib & 15, nib >> 4], axis=4)  # [G, 16, S, 4, 2, 8, 4]
+        top = np.stack([(hb >> (2 * m)) & 3 for m in range(4)], axis=4)  # [G, 16, S, 2, 4, 8, 4]
+        v = low.reshape(G, GROUP, S, 256) | (top.reshape(G, GROUP, S, 256) << 4)
+        scales = sc.reshape(G, S, 16, GROUP).transpose(0, 3, 1, 2)
+        dd = d.reshape(G, S, GROUP).transpose(0, 2, 1)
+        return _q6_blocks(v, np.ascontiguousarray(scales), np.ascontiguousarray(dd)).reshape(-1)
+
+    def dequantize(self, planes: tuple[np.ndarray, ...], rows: int, cols: int) -> np.ndarray:
+        raw = self.to_raw(planes, rows, cols)
+        return self.base.dequantize(self.base.from_raw(raw, rows, cols), rows, cols)
+
+    run = _InterleavedQ4K.run
+
+
 Q4_0X16 = _Interleaved(mm_q4_0, True, False)
 Q8_0X16 = _Interleaved(mm_q8_0, False, False)
 Q4_1X16 = _Interleaved(mm_gguf.Q4_1, True, True)
+Q4_KX16 = _InterleavedQ4K()
+Q6_KX16 = _InterleavedQ6K()
+KINDS = (Q4_0X16, Q8_0X16, Q4_1X16, Q4_KX16, Q6_KX16)

@@ -18,7 +18,14 @@ from mer.kernels import act_q8, mm_x16
 from mer.kernels import matmul as mm
 from mer.kernels.quantize import quantize_blocks
 
-KINDS = {"q4_0": mm_x16.Q4_0X16, "q8_0": mm_x16.Q8_0X16, "q4_1": mm_x16.Q4_1X16}
+KINDS = {
+    "q4_0": mm_x16.Q4_0X16,
+    "q8_0": mm_x16.Q8_0X16,
+    "q4_1": mm_x16.Q4_1X16,
+    "q4_k": mm_x16.Q4_KX16,
+    "q6_k": mm_x16.Q6_KX16,
+}
+BLOCK = {"q4_k": 256, "q6_k": 256}  # columns per block (32 for the others)
 X86 = platform.machine() in ("x86_64", "AMD64")
 
 
@@ -38,8 +45,21 @@ def q4_1_blocks(w: np.ndarray) -> np.ndarray:
     return raw
 
 
+def k_blocks(kind: str, rows: int, cols: int, rng) -> np.ndarray:
+    """Random Q4_K [N, S, 144] or Q6_K [N, S, 210] bytes with moderate finite f16 fields."""
+    size, halves_at = {"q4_k": (144, (0, 2)), "q6_k": (210, (208,))}[kind]
+    raw = rng.integers(0, 256, size=(rows, cols // 256, size), dtype=np.uint8)
+    for off in halves_at:
+        halves = (rng.standard_normal(raw.shape[:2]) * 0.01).astype(np.float16)
+        raw[..., off : off + 2] = halves[..., None].view(np.uint8)
+    return raw
+
+
 def blocks(kind: str, w: np.ndarray) -> np.ndarray:
-    """GGUF bytes [N, B, block bytes] of w; Q8_0 weights include -128 as a file may."""
+    """GGUF bytes [N, B, block bytes] of w (K-quants: random blocks of w's shape); Q8_0
+    weights include -128 as a file may."""
+    if kind in ("q4_k", "q6_k"):
+        return k_blocks(kind, *w.shape, np.random.default_rng(int(abs(w[0, 0]) * 1e6)))
     if kind == "q4_1":
         return q4_1_blocks(w)
     raw = quantize_blocks(w, kind).reshape(w.shape[0], w.shape[1] // 32, -1)
@@ -51,6 +71,10 @@ def blocks(kind: str, w: np.ndarray) -> np.ndarray:
 def reference(kind: str, raw: np.ndarray, x: np.ndarray) -> np.ndarray:
     """float64 [n, N]: ggml's arithmetic per block, summed exactly: f16(d_w) f16(d_x) isum
     (+ f16(m_w) * Q8_1's f16(s_x) for Q4_1), with the activations quantized by act_q8."""
+    if kind == "q4_k":
+        return reference_q4_k(raw, x)
+    if kind == "q6_k":
+        return reference_q6_k(raw, x)
     n_rows, nb = raw.shape[:2]
     xq, xd, _, xm = act_q8.quantize(x, 0, 32 * nb)
     h = 4 if kind == "q4_1" else 2
@@ -68,6 +92,48 @@ def reference(kind: str, raw: np.ndarray, x: np.ndarray) -> np.ndarray:
     return out.sum(-1)
 
 
+def reference_q4_k(raw: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """ggml's Q4_K x Q8_K per super-block: d_x d_w sum_j sc_j isum_j - d_x dmin_w sum_j
+    mn_j bsum_j, exact integers, float64 sums."""
+    from mer.kernels.mm_gguf import k_scales
+
+    n_rows, S = raw.shape[:2]
+    xq, xd, xs = act_q8.quantize_k(x, 0, 256 * S)
+    d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)
+    dmin = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+    sc, mn = (a.astype(np.int64) for a in k_scales(raw[..., 4:16]))  # [N, S, 8]
+    qs = raw[..., 16:].reshape(n_rows, S, 4, 1, 32) >> np.array([0, 4], np.uint8)[:, None]
+    q = (qs & 15).reshape(n_rows, S, 8, 32).astype(np.int64)
+    a = xq.reshape(len(x), S, 8, 32).astype(np.int64)
+    isum = np.einsum("rsuj,tsuj->trsu", q, a)
+    sumi = (isum * sc[None]).sum(-1)
+    summ = (mn[None] * xs.reshape(len(x), 1, S, 8, 2).sum(-1)).sum(-1)
+    dx = xd.astype(np.float64)[:, None, :]
+    return (dx * d[None] * sumi - dx * dmin[None] * summ).sum(-1)
+
+
+def reference_q6_k(raw: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """ggml's Q6_K x Q8_K: d_x d_w sum over groups of 16 of scale * sum (q - 32) a, q as
+    dequantize_row_q6_K reads it, exact integers, float64 sums."""
+    n_rows, S = raw.shape[:2]
+    xq, xd, _ = act_q8.quantize_k(x, 0, 256 * S)
+    ql, qh = raw[..., :128].astype(np.int64), raw[..., 128:192].astype(np.int64)
+    q = np.zeros((n_rows, S, 256), np.int64)
+    for n in (0, 1):
+        for l in range(32):
+            a, b2, h = ql[..., 64 * n + l], ql[..., 64 * n + l + 32], qh[..., 32 * n + l]
+            q[..., 128 * n + l] = (a & 15) | ((h & 3) << 4)
+            q[..., 128 * n + l + 32] = (b2 & 15) | (((h >> 2) & 3) << 4)
+            q[..., 128 * n + l + 64] = (a >> 4) | (((h >> 4) & 3) << 4)
+            q[..., 128 * n + l + 96] = (b2 >> 4) | (((h >> 6) & 3) << 4)
+    sc = raw[..., 192:208].copy().view(np.int8).astype(np.int64)  # [N, S, 16]
+    d = raw[..., 208:210].copy().view(np.float16)[..., 0].astype(np.float64)
+    a = xq.reshape(len(x), S, 16, 16).astype(np.int64)
+    isum = np.einsum("rsgj,tsgj->trsg", (q - 32).reshape(n_rows, S, 16, 16), a)
+    sumi = (isum * sc[None]).sum(-1)
+    return (xd.astype(np.float64)[:, None, :] * d[None] * sumi).sum(-1)
+
+
 def ggml_cpu() -> ctypes.CDLL:
     llama_cpp = pytest.importorskip("llama_cpp")
     lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-cpu.so"))
@@ -75,8 +141,10 @@ def ggml_cpu() -> ctypes.CDLL:
     return lib
 
 
-def ggml_blocks(lib: ctypes.CDLL, name: str, x: np.ndarray, size: int) -> np.ndarray:
-    out = np.zeros((x.shape[1] // 32) * size, np.uint8)
+def ggml_blocks(
+    lib: ctypes.CDLL, name: str, x: np.ndarray, size: int, block: int = 32
+) -> np.ndarray:
+    out = np.zeros((x.shape[1] // block) * size, np.uint8)
     fn = getattr(lib, name)
     fn(x.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p), x.shape[1])
     return out.reshape(-1, size)
@@ -108,6 +176,17 @@ def test_activation_quantization_bit_identical_to_ggml():
         np.testing.assert_array_equal(q8_1[:, 2:4].copy().view(np.float16)[:, 0], xm[0])
         np.testing.assert_array_equal(xs[0], xq.reshape(-1, 32).astype(np.int32).sum(-1))
     assert act_q8.blocks(x[-1:])[0, 2, 2 + 1] == 2  # the tie went to even
+    # Q8_K (the K-quants' activations): 256 per block, float32 d, sums of 16
+    xk = activations_rng(rng, 3, 256 * 5)
+    xk[1, 256:512] = -xk[1, 256:512].max()  # every value of one block ties for largest
+    for t in range(len(xk)):
+        row = np.ascontiguousarray(xk[t : t + 1])
+        want = ggml_blocks(lib, "quantize_row_q8_K", row, 292, 256)
+        xq, xd, xs = act_q8.quantize_k(row, 0, row.shape[1])
+        np.testing.assert_array_equal(want[:, :4].copy().view(np.float32)[:, 0], xd[0])
+        np.testing.assert_array_equal(want[:, 4:260].view(np.int8), xq.reshape(-1, 256))
+        bsums = want[:, 260:].copy().view(np.int16).astype(np.int32)
+        np.testing.assert_array_equal(bsums.reshape(-1), xs[0])
 
 
 @pytest.mark.skipif(not X86, reason="ggml's x86 dot products are the reference")
@@ -115,12 +194,14 @@ def test_activation_quantization_bit_identical_to_ggml():
 def test_dot_products_equal_ggml(kind):
     lib = ggml_cpu()
     rng = np.random.default_rng(1)
-    n_rows, k = 32, 32 * 19
+    n_rows, k = 32, BLOCK.get(kind, 32) * 19
     raw = blocks(kind, rng.standard_normal((n_rows, k)).astype(np.float32))
     x = activations_rng(rng, 1, k)
-    act = {"q4_1": ("quantize_row_q8_1", 36)}.get(kind, ("quantize_row_q8_0", 34))
-    y = ggml_blocks(lib, act[0], x, act[1])
-    dot = getattr(lib, f"ggml_vec_dot_{kind}_{'q8_1' if kind == 'q4_1' else 'q8_0'}")
+    pair = {"q4_1": ("q8_1", 36), "q4_k": ("q8_K", 292), "q6_k": ("q8_K", 292)}.get(
+        kind, ("q8_0", 34)
+    )
+    y = ggml_blocks(lib, f"quantize_row_{pair[0]}", x, pair[1], BLOCK.get(kind, 32))
+    dot = getattr(lib, f"ggml_vec_dot_{kind.replace('_k', '_K')}_{pair[0]}")
     want = np.zeros(n_rows, np.float32)
     for r in range(n_rows):
         s = ctypes.c_float()
@@ -139,23 +220,24 @@ CHECK = """
 import numpy as np
 from mer.kernels import mm_x16
 from mer.kernels import matmul as mm
-from tests.kernels.test_q8_activations import KINDS, activations_rng, blocks, reference
+from tests.kernels.test_q8_activations import BLOCK, KINDS, activations_rng, blocks, reference
 
 print(mm_x16.PATH)
 rng = np.random.default_rng(2)
 for kind in KINDS:
-    for n_rows, nb in ((16, 1), (48, 3), (32, 17), (64, 40)):
-        raw = blocks(kind, rng.standard_normal((n_rows, 32 * nb)).astype(np.float32))
-        w = mm.from_gguf_blocks(raw.reshape(-1), kind, n_rows, 32 * nb, activations="q8")
-        x = activations_rng(rng, 3, 32 * nb)
+    bk = BLOCK.get(kind, 32)
+    for n_rows, nb in ((16, 1), (48, 3), (32, 17), (64, 40))[: 3 if bk > 32 else 4]:
+        raw = blocks(kind, rng.standard_normal((n_rows, bk * nb)).astype(np.float32))
+        w = mm.from_gguf_blocks(raw.reshape(-1), kind, n_rows, bk * nb, activations="q8")
+        x = activations_rng(rng, 3, bk * nb)
         want = reference(kind, raw, x)
         scale = 2e-6 * np.abs(want).max() + 1e-30
         got = mm.matmul(w, x)
         assert np.abs(got - want).max() <= scale, (kind, n_rows, nb, np.abs(got - want).max())
         # a row range and a column range cut through groups and blocks
         if nb > 1:
-            r0, r1, c0 = 5, n_rows - 3, 32
-            part = mm.matmul(w, x, row_range=(r0, r1), col_range=(c0, 32 * nb))
+            r0, r1, c0 = 5, n_rows - 3, bk
+            part = mm.matmul(w, x, row_range=(r0, r1), col_range=(c0, bk * nb))
             sub = reference(kind, raw[r0:r1, 1:], np.ascontiguousarray(x[:, c0:]))
             assert np.abs(part[:, r0:r1] - sub).max() <= scale
             assert not part[:, :r0].any() and not part[:, r1:].any()
@@ -198,9 +280,10 @@ def test_this_cpu_path():
 def test_batch_invariance(kind):
     # each token alone, or among others, on one thread or two: the same bits
     rng = np.random.default_rng(3)
-    raw = blocks(kind, rng.standard_normal((96, 32 * 9)).astype(np.float32))
-    w = mm.from_gguf_blocks(raw.reshape(-1), kind, 96, 32 * 9, activations="q8")
-    x = activations_rng(rng, 7, 32 * 9)
+    k = BLOCK.get(kind, 32) * 9
+    raw = blocks(kind, rng.standard_normal((96, k)).astype(np.float32))
+    w = mm.from_gguf_blocks(raw.reshape(-1), kind, 96, k, activations="q8")
+    x = activations_rng(rng, 7, k)
     threads = mm.get_num_threads()
     try:
         outs = []
@@ -217,24 +300,27 @@ def test_batch_invariance(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_packing(kind):
     rng = np.random.default_rng(4)
-    raw = blocks(kind, rng.standard_normal((48, 96)).astype(np.float32)).reshape(-1)
-    plain = mm.from_gguf_blocks(raw, kind, 48, 96)
+    k = 3 * BLOCK.get(kind, 32)
+    raw = blocks(kind, rng.standard_normal((48, k)).astype(np.float32)).reshape(-1)
+    plain = mm.from_gguf_blocks(raw, kind, 48, k)
     assert plain.kind == kind  # f32 is the process's default
-    w = mm.from_gguf_blocks(raw, kind, 48, 96, activations="q8")
-    assert w.nbytes == plain.gguf_nbytes == w.gguf_nbytes  # exactly GGUF-sized
-    np.testing.assert_array_equal(KINDS[kind].to_raw(w.planes, 48, 96), raw)
+    w = mm.from_gguf_blocks(raw, kind, 48, k, activations="q8")
+    assert w.gguf_nbytes == plain.gguf_nbytes
+    assert w.nbytes == plain.nbytes  # GGUF-sized (Q4_K: scales unpacked, as the plain kind)
+    if kind != "q4_k":  # (its planes hold the 6-bit scales unpacked)
+        np.testing.assert_array_equal(KINDS[kind].to_raw(w.planes, 48, k), raw)
     np.testing.assert_array_equal(mm.dequantize(w), mm.dequantize(plain))
     assert [(p.dtype.str, p.shape) for p in w.planes] == [
-        (dtype, shape) for dtype, shape in mm.plane_specs(w.kind, 48, 96)
+        (dtype, shape) for dtype, shape in mm.plane_specs(w.kind, 48, k)
     ]
     assert mm.requantize(w, kind) is w
     # rows that are not whole groups keep the plain kind (float activations)
     odd = np.ascontiguousarray(raw[: 40 * len(raw) // 48])
-    assert mm.from_gguf_blocks(odd, kind, 40, 96, activations="q8").kind == kind
+    assert mm.from_gguf_blocks(odd, kind, 40, k, activations="q8").kind == kind
     with pytest.raises(ValueError, match="multiple of 16"):
-        mm.plane_specs(w.kind, 40, 96)
+        mm.plane_specs(w.kind, 40, k)
     with mm.packing("q8"):
-        assert mm.from_gguf_blocks(raw, kind, 48, 96).kind == w.kind
+        assert mm.from_gguf_blocks(raw, kind, 48, k).kind == w.kind
     assert mm.activations() == "f32"
 
 
