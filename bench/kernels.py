@@ -1,54 +1,86 @@
-"""Matvec (n=1) throughput of every weight kind against the machine's memory read bandwidth.
+"""Matvec (n=1) throughput of every weight kind, with float and with 8-bit activations, against
+the machine's memory read bandwidth.
 
 Shapes: an expert's gate/up matrix (N=14336 outputs, K=4096 inputs) and its down matrix
 (N=4096, K=14336). Each timed run reads a whole matrix; enough distinct copies are cycled that
 their total (>= --pool MiB) dwarfs the last-level cache, so every run streams from DRAM.
 Throughput is GGUF weight bytes / time; "ratio" divides it by the read bandwidth measured in the
-same run with the same number of threads (NumPy sum over a 1 GiB float32 array, split evenly
-across that many Python threads; NumPy releases the GIL).
+same run with the same number of threads: a numba kernel summing a 1 GiB array with the
+widest vector loads the CPU has, split across that many threads (NumPy's sum, the reference
+before, reached about half of what the integer kernels stream).
 
-    python bench/kernels.py [--threads 1,2] [--repeat 15] [--kinds f32,q4_0] [--pool 512]
+    python bench/kernels.py [--threads 1,2] [--repeat 15] [--kinds q4_0,q4_k] [--pool 512]
+        [--activations q8,f32]
 
-Kinds beyond q8_0 and q4_0 (mxfp4: gpt-oss's experts) are quantized by gguf.quants.
+Q8_0 and Q4_0 are quantized by mer, the other block types by gguf.quants where it can (the
+K-quants: random blocks with moderate scales).
 """
 
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 
+import numba
 import numpy as np
+from numba import njit, prange
 
 from mer.kernels import matmul as mm
 
 SHAPES = {"gate": (14336, 4096), "down": (4096, 14336)}
-KINDS = ["f32", "f16", "bf16", "q8_0", "q4_0", "mxfp4"]
+KINDS = ["f32", "f16", "bf16", "q8_0", "q4_0", "mxfp4", "q4_k", "q6_k"]
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _sum_chunks(a, nt):
+    out = np.zeros(nt, np.uint64)
+    n = a.size
+    for c in prange(nt):
+        acc = np.uint64(0)
+        for i in range(c * n // nt, (c + 1) * n // nt):
+            acc += a[i]
+        out[c] = acc
+    return out
 
 
 def read_bandwidth(threads: int, repeat: int) -> float:
-    """GB/s of NumPy summing a 1 GiB float32 array, split across `threads` threads."""
-    a = np.ones(1 << 28, np.float32)
-    parts = np.array_split(a, threads)
+    """GB/s of summing a 1 GiB uint64 array on `threads` threads (LLVM vectorizes the loop to
+    the widest loads the CPU has)."""
+    a = np.ones(1 << 27, np.uint64)
+    numba.set_num_threads(threads)
+    _sum_chunks(a, threads)
 
     def one_pass() -> float:
-        workers = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
         t = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
+        _sum_chunks(a, threads)
         return time.perf_counter() - t
 
-    one_pass()
     return a.nbytes / np.median([one_pass() for _ in range(repeat)]) / 1e9
 
 
-def make_weights(kind: str, rows: int, cols: int, pool_bytes: int) -> list[mm.PackedWeight]:
-    """Distinct copies of one random [rows, cols] matrix of `kind`, about pool_bytes in total."""
+K_QUANTS = {"q4_k": (144, (0, 2)), "q5_k": (176, (0, 2)), "q6_k": (210, (208,))}
+
+
+def make_weights(
+    kind: str, rows: int, cols: int, pool_bytes: int, activations: str
+) -> list[mm.PackedWeight]:
+    """Distinct copies of one random [rows, cols] matrix of `kind`, about pool_bytes in total,
+    packed for `activations`."""
+    with mm.packing(activations):
+        return _make_weights(kind, rows, cols, pool_bytes)
+
+
+def _make_weights(kind: str, rows: int, cols: int, pool_bytes: int) -> list[mm.PackedWeight]:
     rng = np.random.default_rng(0)
     a = rng.standard_normal((rows, cols), dtype=np.float32)
-    if kind == "f32":
+    if kind in K_QUANTS:
+        size, halves = K_QUANTS[kind]
+        raw = rng.integers(0, 256, (rows, cols // 256, size), dtype=np.uint8)
+        for off in halves:
+            scale = (rng.standard_normal(raw.shape[:2]) * 0.01).astype(np.float16)
+            raw[..., off : off + 2] = scale[..., None].view(np.uint8)
+        w = mm.from_gguf_blocks(raw.reshape(-1), kind, rows, cols)
+    elif kind == "f32":
         w = mm.pack_float(a, "f32")
     elif kind == "f16":
         w = mm.pack_float(a.astype(np.float16), "f16")
@@ -92,6 +124,7 @@ def main() -> None:
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated weight kinds")
     ap.add_argument("--shapes", default="gate,down", help="gate and/or down")
     ap.add_argument("--pool", type=int, default=512, help="MiB of distinct copies per case")
+    ap.add_argument("--activations", default="q8,f32", help="q8 and/or f32")
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     kinds = args.kinds.split(",")
@@ -104,18 +137,24 @@ def main() -> None:
     for shape in shapes:
         n_out, k_in = SHAPES[shape]
         for kind in kinds:
-            ws = make_weights(kind, n_out, k_in, args.pool << 20)
-            for t in threads:
-                sec = time_matvec(ws, t, args.repeat)
-                gbs = ws[0].gguf_nbytes / sec / 1e9
-                rows.append((shape, n_out, k_in, kind, t, sec * 1e3, gbs, gbs / bw[t]))
-                print(f"{shape} {kind:5s} {t}T: {sec * 1e3:7.2f} ms {gbs:6.1f} GB/s", flush=True)
-            del ws
+            for act in args.activations.split(","):
+                ws = make_weights(kind, n_out, k_in, args.pool << 20, act)
+                if act == "q8" and ws[0].kind == kind:
+                    continue  # no integer kernel for this kind: the same as f32
+                name = f"{kind} {act}"
+                for t in threads:
+                    sec = time_matvec(ws, t, args.repeat)
+                    gbs = ws[0].gguf_nbytes / sec / 1e9
+                    rows.append((shape, n_out, k_in, name, t, sec * 1e3, gbs, gbs / bw[t]))
+                    print(
+                        f"{shape} {name:9s} {t}T: {sec * 1e3:7.2f} ms {gbs:6.1f} GB/s", flush=True
+                    )
+                del ws
     print()
-    print(f"{'shape':14s} {'kind':5s} {'thr':>3s} {'ms':>8s} {'GB/s':>6s} {'ratio':>6s}")
+    print(f"{'shape':14s} {'kind':9s} {'thr':>3s} {'ms':>8s} {'GB/s':>6s} {'ratio':>6s}")
     for shape, n_out, k_in, kind, t, ms, gbs, ratio in rows:
         label = f"{shape} {n_out}x{k_in}"
-        print(f"{label:14s} {kind:5s} {t:3d} {ms:8.2f} {gbs:6.1f} {ratio:6.2f}")
+        print(f"{label:14s} {kind:9s} {t:3d} {ms:8.2f} {gbs:6.1f} {ratio:6.2f}")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ class EngineConfig:
     kv_budget_tokens: int = 65536
     prefix_cache: bool = True  # reuse the KV of prompt prefixes seen before (bit-identical)
     threads: int | None = None  # kernel threads of the engine (default: all cores)
-    activations: str | None = None  # "q8" or "f32" (default: a store's own, else f32)
+    activations: str | None = None  # "q8" or "f32" (default: a store's own, else q8)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,10 @@ from mer.models.weights import ModelWeights
 from mer.sampling import SamplingParams
 from mer.tokenizer import Tokenizer
 
+# What quantized weights meet when nothing says otherwise, as in every CPU engine: 8-bit
+# activations and integer dot products ("f32" keeps float activations).
+DEFAULT_ACTIVATIONS = "q8"
+
 
 class Model:
     """A loaded model: tokenizer, weights and the forward pass."""
@@ -183,12 +187,11 @@ def load_model(
     coalesce: read experts that follow each other on disk with one request;
     streamer_factory(source, args): what streams the experts instead of an in-process
     `ExpertStreamer` (the service's engine: `mer.cache.remote`).
-    activations: "q8" runs Q4_0 and Q8_0 weights against activations quantized to 8 bits, with
-    integer dot products as llama.cpp computes them (several times faster); "f32" against
-    float activations (within float rounding of the dequantized weights, as transformers
-    computes them). None: a store's own (as `mer convert --activations` made it), else the
-    process's (`mer.kernels.matmul.set_activations`, "f32" unless set). Experts streamed
-    later are packed in the same mode.
+    activations: "q8" runs Q4_0, Q8_0, Q4_1, Q4_K and Q6_K weights against activations
+    quantized to 8 bits, with integer dot products as llama.cpp computes them (several times
+    faster); "f32" against float activations (within float rounding of the dequantized
+    weights, as transformers computes them). None: a store's own (as `mer convert
+    --activations` made it), else "q8". Experts streamed later are packed in the same mode.
     """
     from dataclasses import replace
 
@@ -252,7 +255,7 @@ def open_model_files(
                 f"{source}: a mer store is already packed; choose --quant at `mer convert`"
             )
         return load_store(source, stream=stream, verify=verify, activations=activations)
-    with packing(activations):
+    with packing(activations or DEFAULT_ACTIVATIONS):
         return _open_source(source, quant, stream)
 
 

@@ -134,7 +134,7 @@ def _median(row: dict | None, key: str) -> float | None:
 def _ratios(p: sc.Plan, fig: dict, report: dict) -> None:
     ram = fig["ram"]
     for name in {n.split(" | ")[0] for n in ram}:
-        for engine in ("mer", sc.Q8):
+        for engine in ("mer", sc.F32):
             ours = ram.get(f"{name} | {engine}")
             for peer in ("llama.cpp", "llama.cpp, repack off"):
                 theirs = ram.get(f"{name} | {peer}")

@@ -1,8 +1,8 @@
 """The scenarios of `mer bench`: what is measured, on which models, against which peer.
 
-- in RAM: decode and prefill tokens/s of mer (float activations, and 8-bit ones) and
-  llama.cpp on the same GGUF file, same threads; llama.cpp with its weight repacking (its
-  default) and without.
+- in RAM: decode and prefill tokens/s of mer (its default 8-bit activations, and float
+  ones) and llama.cpp on the same GGUF file, same threads; llama.cpp with its weight
+  repacking (its default) and without.
 - larger than memory: a model several times the memory cap, both engines under the cap
   (page cache included), the page cache dropped before each trial: seconds per token, bytes
   read per token, the cache's figures, and the bound (Belady's bytes at the best read speed
@@ -26,7 +26,7 @@ from mer.bench.trials import Config
 from mer.synth import SHAPES, Shape
 
 GiB = 1 << 30
-Q8 = "mer, q8 activations"  # the in-RAM configuration of mer with 8-bit activations
+F32 = "mer, f32 activations"  # mer in RAM with float activations ("mer": its default, q8)
 PROMPT = (
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
     "combined movable metal type, oil-based ink and a wooden screw press. Within fifty years, "
@@ -185,7 +185,7 @@ def ram_configs(p: Plan, models: dict[str, Path], ids: list[int]) -> list[Config
         }
         configs += [
             Config(f"{name} | mer", "ram", "mer", {**spec, "kind": "mer"}),
-            Config(f"{name} | {Q8}", "ram", "mer", {**spec, "kind": "mer", "activations": "q8"}),
+            Config(f"{name} | {F32}", "ram", "mer", {**spec, "kind": "mer", "activations": "f32"}),
             Config(f"{name} | llama.cpp", "ram", "llama.cpp", {**spec, "kind": "llama"}),
             Config(
                 f"{name} | llama.cpp, repack off",

@@ -35,9 +35,9 @@ _KINDS: dict[str, ModuleType] = {
 _INTEGER = {m.base.KIND: m.KIND for m in mm_x16.KINDS}
 _PLAIN = {v: k for k, v in _INTEGER.items()}
 ACTIVATIONS = ("f32", "q8")
-_activations = "f32"  # the process's default (set_activations) ...
-_packing: contextvars.ContextVar[str | None] = contextvars.ContextVar("packing", default=None)
-# ... and what a `packing` block sets, per thread
+# How packing meets activations: what the innermost `packing` block of this thread set, else
+# "f32" (models are opened in "q8" unless told otherwise: mer.model.load_model)
+_packing: contextvars.ContextVar[str] = contextvars.ContextVar("packing", default="f32")
 FLOAT_DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
 _QUANT_KINDS = ("q8_0", "q4_0")
 _threads = numba.config.NUMBA_NUM_THREADS  # all cores until set_num_threads
@@ -305,21 +305,13 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
-def set_activations(mode: str) -> None:
-    """How Q4_0, Q8_0 and Q4_1 weights packed from now on in this process meet their
-    activations: "f32" (the default: float activations, within float rounding of the
-    dequantized weights) or "q8" (activations quantized to 8 bits per token and integer dot
-    products, as llama.cpp's CPU backend computes them; several times faster). Weights
-    already packed keep their kind."""
-    global _activations
-    _activations = _check_mode(mode)
-
-
 def activations() -> str:
-    """The activations mode packing follows here: the innermost `packing` block's, else the
-    process's (set_activations)."""
-    mode = _packing.get()
-    return _activations if mode is None else mode
+    """The activations mode packing follows here: the innermost `packing` block's, else
+    "f32". "f32": float activations, within float rounding of the dequantized weights. "q8":
+    Q4_0, Q8_0, Q4_1, Q4_K and Q6_K matrices are packed for activations quantized to 8 bits
+    per token and integer dot products, as llama.cpp's CPU backend computes them (several
+    times faster)."""
+    return _packing.get()
 
 
 @contextlib.contextmanager

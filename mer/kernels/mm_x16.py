@@ -2,7 +2,7 @@
 # groups, g = group, l = row in a group (0..15), c = 4-byte chunk of a block, i = byte in a
 # chunk, t = token.
 #
-# Q4_0 and Q8_0 weights against 8-bit activations (act_q8): integer dot products, as
+# GGUF weights against 8-bit activations (act_q8): integer dot products, as
 # llama.cpp's CPU backend computes them, in a row-interleaved layout. Sixteen rows are laid
 # out together so that one 64-byte load holds 4 bytes of the same block of 16 rows: one
 # integer multiply-add of 4 byte products per 32-bit lane (AVX-512 VNNI vpdpbusd; pmaddubsw
@@ -18,7 +18,11 @@
 #              4c+i of block b of row 16g+l (low nibble weight 4c+i, high nibble 16+4c+i);
 #              d uint16 [N, B], flat per group [B, 16]: f16 bits of block b of row 16g+l.
 #   "q8_0x16": q int8 [N, 32B], flat per group [B, 8, 16, 4]: weight 4c+i of block b of row
-#              16g+l; d as above. Both exactly GGUF-sized.
+#              16g+l; d as above.
+#   "q4_1x16": q4_0x16's planes plus m uint16 [N, B] (the mins, flat as d).
+#   "mxfp4x16": q as q4_0x16 (each nibble indexes ggml's doubled E2M1 values, looked up by
+#              a byte shuffle, plus 12 so that they go in unsigned), e uint8 [N, B] (the E8M0
+#              exponents, flat as d). All exactly GGUF-sized; the K-quants further down.
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -31,8 +35,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import act_q8, mm_gguf, mm_q4_0, mm_q8_0, mm_subblock
-from .mm_sb_ir import I32, VF, VI, ZERO, Gen, i64
+from . import act_q8, mm_gguf, mm_q4_0, mm_q8_0
+from .mm_sb_ir import I32, MXFP4_VALUES, VF, VI, ZERO, Gen, i64, lookup
 
 I8, I16 = ir.IntType(8), ir.IntType(16)
 V64B, V32B = ir.VectorType(I8, 64), ir.VectorType(I8, 32)
@@ -128,6 +132,11 @@ def _splat4(gen: Gen, data, idx):
 class _Layout(NamedTuple):
     q4: bool  # nibbles (else signed bytes)
     mins: bool  # a min per block (Q4_1: W = d * q + m)
+    table: bool = False  # MXFP4: nibbles index a table; E8M0 scales
+
+
+# MXFP4's nibbles (doubled E2M1 values, mm_sb_ir) plus 12, so that they go in unsigned
+MXFP4_UNSIGNED = [v + 12 for v in MXFP4_VALUES]
 
 
 def _layout_of(planes) -> _Layout | None:
@@ -139,15 +148,47 @@ def _layout_of(planes) -> _Layout | None:
         ("uint8", "uint16"): _Layout(True, False),
         ("int8", "uint16"): _Layout(False, False),
         ("uint8", "uint16", "uint16"): _Layout(True, True),
+        ("uint8", "uint8"): _Layout(True, False, True),
     }.get(dtypes)
+
+
+def _lut(gen: Gen, idx):
+    """<64 x i8> MXFP4_UNSIGNED[idx] for nibbles idx: one byte shuffle per 16 (pshufb)."""
+    if PATH == "vnni":  # AVX-512BW
+        table = ir.Constant(V64B, MXFP4_UNSIGNED * 4)
+        return gen.call("llvm.x86.avx512.pshuf.b.512", V64B, [table, idx])
+    if PATH == "avx2":
+        table = ir.Constant(V32B, MXFP4_UNSIGNED * 2)
+        lo, hi = (gen.call("llvm.x86.avx2.pshuf.b", V32B, [table, h]) for h in _halves(gen, idx))
+        return gen.shuffle(lo, hi, list(range(64)))
+    table = ir.Constant(ir.VectorType(I8, 16), MXFP4_UNSIGNED)
+    parts = [
+        lookup(gen, table, gen.shuffle(idx, idx, list(range(16 * k, 16 * k + 16))))
+        for k in range(4)
+    ]
+    pairs = [
+        gen.shuffle(parts[0], parts[1], list(range(32))),
+        gen.shuffle(parts[2], parts[3], list(range(32))),
+    ]
+    return gen.shuffle(pairs[0], pairs[1], list(range(64)))
+
+
+def _e8m0_half(gen: Gen, e):
+    """<16 x i8> E8M0 bytes -> <16 x float> 2^(e-128), built from the bits as ggml does."""
+    b = gen.b
+    v = b.zext(e, VI)
+    sub = b.shl(_vi(0x00200000), v)  # e < 2: subnormal
+    normal = b.shl(b.sub(v, _vi(1)), _vi(23))
+    return b.bitcast(b.select(b.icmp_unsigned("<", v, _vi(2)), sub, normal), VF)
 
 
 def _codegen(lay: _Layout):
     chunks = 4 if lay.q4 else 8  # 4-byte chunks per block per row
     block_bytes = GROUP * 4 * chunks
     # the correction each block's integer sum needs: Q4_0's nibbles are read unsigned
-    # (- 8 * sum(a)); Q8_0 on VNNI is read offset by 128; Q4_1's nibbles are its q
-    offset = (0 if lay.mins else 8) if lay.q4 else 128 if PATH == "vnni" else 0
+    # (- 8 * sum(a)); Q8_0 on VNNI is read offset by 128; Q4_1's nibbles are its q; MXFP4's
+    # table values are offset by 12
+    offset = (0 if lay.mins else 12 if lay.table else 8) if lay.q4 else 128 if PATH == "vnni" else 0
 
     def codegen(context, builder, sig, args):
         gen, b = Gen(context, builder), builder
@@ -175,9 +216,12 @@ def _codegen(lay: _Layout):
                 w = b.load(b.bitcast(wptr, V64B.as_pointer()), align=1)
                 a = _splat4(gen, xq, b.add(abase, i64(4 * c)))
                 if lay.q4:  # low nibbles: weights 4c.., high: 16 + 4c..
-                    s0 = _dot4(gen, s0, b.and_(w, low), a, False)
+                    lo, hi = b.and_(w, low), b.lshr(w, four)
+                    if lay.table:
+                        lo, hi = _lut(gen, lo), _lut(gen, hi)
+                    s0 = _dot4(gen, s0, lo, a, False)
                     a_hi = _splat4(gen, xq, b.add(abase, i64(16 + 4 * c)))
-                    s1 = _dot4(gen, s1, b.lshr(w, four), a_hi, False)
+                    s1 = _dot4(gen, s1, hi, a_hi, False)
                 elif c % 2 == 0:
                     s0 = _dot4(gen, s0, w, a, True)
                 else:
@@ -188,8 +232,15 @@ def _codegen(lay: _Layout):
                 corr = b.mul(gen.load((xs, None), None, at), ir.Constant(I32, offset))
                 isum = b.sub(isum, gen.splat(corr, VI))
             doff = b.add(dbase, b.mul(b.add(b0, j), i64(GROUP)))
-            dv = b.load(b.bitcast(b.gep(d, [doff]), v16), align=1)
-            scale = b.fmul(_halves_to_float(gen, dv), gen.splat(gen.load((xd, None), None, at)))
+            dx = gen.splat(gen.load((xd, None), None, at))
+            if lay.table:  # ggml: f16(d_x) * e8m0_half(e)
+                ev = b.load(
+                    b.bitcast(b.gep(d, [doff]), ir.VectorType(I8, 16).as_pointer()), align=1
+                )
+                scale = b.fmul(dx, _e8m0_half(gen, ev))
+            else:
+                dv = b.load(b.bitcast(b.gep(d, [doff]), v16), align=1)
+                scale = b.fmul(_halves_to_float(gen, dv), dx)
             v = gen.fma(b.sitofp(isum, VF), scale, b.load(acc))
             if lay.mins:  # + m * s, s = d_x * sum(a) as ggml's Q8_1 keeps it
                 mv = b.load(b.bitcast(b.gep(p[2][0], [doff]), v16), align=1)
@@ -202,67 +253,86 @@ def _codegen(lay: _Layout):
 
 
 K_PLANES = ("uint8", "uint8", "uint8", "uint16", "uint16")  # q4_kx16
+K5_PLANES = ("uint8", "uint8", "uint8", "uint8", "uint16", "uint16")  # q5_kx16
 
 
-def _codegen_q4k(context, builder, sig, args):
-    # Per super-block s of 256: four 32-byte runs of nibbles (sub-blocks 2k low, 2k + 1
-    # high), each read as 8 chunks of 4 bytes x 16 rows; the exact sums of a sub-block are
-    # weighted by its 6-bit scale (integers), the mins by the activations' sums of 32, then
-    # acc += d_x d_w * isc - d_x dmin_w * imn, as ggml's Q4_K x Q8_K.
-    gen, b = Gen(context, builder), builder
-    (q, qw), (sc, scw), (mn, _), (d, dw), (dm, _) = gen.arrays(
-        sig.args[0], cgutils.unpack_tuple(b, args[0])
-    )
-    (xq, xw), (xd, xdw), (xs, xsw), (out, _) = gen.arrays(
-        [sig.args[i] for i in (1, 2, 3, 9)], [args[i] for i in (1, 2, 3, 9)]
-    )
-    t, b0, b1, g = gen.ints(sig.args[5:9], args[5:9])
-    g16 = b.mul(g, i64(GROUP))
-    qbase, sbase, dbase = b.mul(g16, qw), b.mul(g16, scw), b.mul(g16, dw)
-    acc = cgutils.alloca_once_value(b, ZERO)
-    low = ir.Constant(V64B, [15] * 64)
-    four = ir.Constant(V64B, [4] * 64)
-    izero = ir.Constant(VI, [0] * 16)
-    vb16 = ir.VectorType(I8, 16).as_pointer()
-    v16 = ir.VectorType(I16, 16).as_pointer()
+def _codegen_qk(high: bool):
+    """Q4_K (Q5_K with `high`: a plane of fifth bits) against Q8_K."""
 
-    def lanes(plane, at):  # 16 unsigned bytes -> <16 x i32>
-        return b.zext(b.load(b.bitcast(b.gep(plane, [at]), vb16), align=1), VI)
+    def codegen(context, builder, sig, args):
+        # Per super-block s of 256: four 32-byte runs of nibbles (sub-blocks 2k low, 2k + 1
+        # high), each read as 8 chunks of 4 bytes x 16 rows (Q5_K: the fifth bits of weight
+        # 4c+i of every sub-block in one byte, bit j for sub-block j); the exact sums of a
+        # sub-block are weighted by its 6-bit scale (integers), the mins by the activations'
+        # sums of 32, then acc += d_x d_w * isc - d_x dmin_w * imn, as ggml's Q4_K x Q8_K.
+        gen, b = Gen(context, builder), builder
+        planes = gen.arrays(sig.args[0], cgutils.unpack_tuple(b, args[0]))
+        (q, qw), *rest = planes
+        (hb, hw), rest = (rest[0], rest[1:]) if high else ((None, None), rest)
+        (sc, scw), (mn, _), (d, dw), (dm, _) = rest
+        (xq, xw), (xd, xdw), (xs, xsw), (out, _) = gen.arrays(
+            [sig.args[i] for i in (1, 2, 3, 9)], [args[i] for i in (1, 2, 3, 9)]
+        )
+        t, b0, b1, g = gen.ints(sig.args[5:9], args[5:9])
+        g16 = b.mul(g, i64(GROUP))
+        qbase, sbase, dbase = b.mul(g16, qw), b.mul(g16, scw), b.mul(g16, dw)
+        hbase = b.mul(g16, hw) if high else None
+        acc = cgutils.alloca_once_value(b, ZERO)
 
-    with cgutils.for_range(b, b.sub(b1, b0)) as loop:
-        j = loop.index  # super-block b0 + j; activations are indexed from b0
-        sb = b.add(b0, j)
-        wbase = b.add(qbase, b.mul(sb, i64(GROUP * 128)))
-        abase = b.add(b.mul(t, xw), b.mul(j, i64(256)))
-        sub_base = b.add(sbase, b.mul(sb, i64(GROUP * 8)))
-        xs_base = b.add(b.mul(t, xsw), b.mul(j, i64(16)))
-        isc, imn = izero, izero
-        for k in range(4):
-            s_lo, s_hi = izero, izero
-            for c in range(8):
-                wptr = b.gep(q, [b.add(wbase, i64(512 * k + 64 * c))])
-                w = b.load(b.bitcast(wptr, V64B.as_pointer()), align=1)
-                a_lo = _splat4(gen, xq, b.add(abase, i64(64 * k + 4 * c)))
-                a_hi = _splat4(gen, xq, b.add(abase, i64(64 * k + 32 + 4 * c)))
-                s_lo = _dot4(gen, s_lo, b.and_(w, low), a_lo, False)
-                s_hi = _dot4(gen, s_hi, b.lshr(w, four), a_hi, False)
-            for sub, part in ((2 * k, s_lo), (2 * k + 1, s_hi)):
-                at = b.add(sub_base, i64(GROUP * sub))
-                isc = b.add(isc, b.mul(part, lanes(sc, at)))
-                halves = [
-                    gen.load((xs, None), None, b.add(xs_base, i64(2 * sub + h))) for h in (0, 1)
-                ]
-                xsum = b.add(*halves)  # the sub-block's 32 from two sums of 16
-                imn = b.add(imn, b.mul(lanes(mn, at), gen.splat(xsum, VI)))
-        doff = b.add(dbase, b.mul(sb, i64(GROUP)))
-        dwv = _halves_to_float(gen, b.load(b.bitcast(b.gep(d, [doff]), v16), align=1))
-        dmv = _halves_to_float(gen, b.load(b.bitcast(b.gep(dm, [doff]), v16), align=1))
-        dx = gen.splat(gen.load((xd, None), None, b.add(b.mul(t, xdw), j)))
-        v = gen.fma(b.sitofp(isc, VF), b.fmul(dx, dwv), b.load(acc))
-        v = gen.fma(b.sitofp(imn, VF), b.fneg(b.fmul(dx, dmv)), v)
-        b.store(v, acc)
-    b.store(b.load(acc), b.bitcast(out, VF.as_pointer()), align=4)
-    return context.get_dummy_value()
+        def bytes_(v: int):
+            return ir.Constant(V64B, [v] * 64)
+
+        izero = ir.Constant(VI, [0] * 16)
+        vb16 = ir.VectorType(I8, 16).as_pointer()
+        v16 = ir.VectorType(I16, 16).as_pointer()
+
+        def lanes(plane, at):  # 16 unsigned bytes -> <16 x i32>
+            return b.zext(b.load(b.bitcast(b.gep(plane, [at]), vb16), align=1), VI)
+
+        def load64(plane, at):
+            return b.load(b.bitcast(b.gep(plane, [at]), V64B.as_pointer()), align=1)
+
+        with cgutils.for_range(b, b.sub(b1, b0)) as loop:
+            j = loop.index  # super-block b0 + j; activations are indexed from b0
+            sb = b.add(b0, j)
+            wbase = b.add(qbase, b.mul(sb, i64(GROUP * 128)))
+            abase = b.add(b.mul(t, xw), b.mul(j, i64(256)))
+            sub_base = b.add(sbase, b.mul(sb, i64(GROUP * 8)))
+            xs_base = b.add(b.mul(t, xsw), b.mul(j, i64(16)))
+            isc, imn = izero, izero
+            for k in range(4):
+                s_lo, s_hi = izero, izero
+                for c in range(8):
+                    w = load64(q, b.add(wbase, i64(512 * k + 64 * c)))
+                    lo, hi = b.and_(w, bytes_(15)), b.lshr(w, bytes_(4))
+                    if high:
+                        h = load64(hb, b.add(hbase, b.add(b.mul(sb, i64(GROUP * 32)), i64(64 * c))))
+                        for n in (0, 1):
+                            top = b.shl(b.and_(b.lshr(h, bytes_(2 * k + n)), bytes_(1)), bytes_(4))
+                            lo, hi = (b.or_(lo, top), hi) if n == 0 else (lo, b.or_(hi, top))
+                    a_lo = _splat4(gen, xq, b.add(abase, i64(64 * k + 4 * c)))
+                    a_hi = _splat4(gen, xq, b.add(abase, i64(64 * k + 32 + 4 * c)))
+                    s_lo = _dot4(gen, s_lo, lo, a_lo, False)
+                    s_hi = _dot4(gen, s_hi, hi, a_hi, False)
+                for sub, part in ((2 * k, s_lo), (2 * k + 1, s_hi)):
+                    at = b.add(sub_base, i64(GROUP * sub))
+                    isc = b.add(isc, b.mul(part, lanes(sc, at)))
+                    halves = [
+                        gen.load((xs, None), None, b.add(xs_base, i64(2 * sub + h))) for h in (0, 1)
+                    ]
+                    xsum = b.add(*halves)  # the sub-block's 32 from two sums of 16
+                    imn = b.add(imn, b.mul(lanes(mn, at), gen.splat(xsum, VI)))
+            doff = b.add(dbase, b.mul(sb, i64(GROUP)))
+            dwv = _halves_to_float(gen, b.load(b.bitcast(b.gep(d, [doff]), v16), align=1))
+            dmv = _halves_to_float(gen, b.load(b.bitcast(b.gep(dm, [doff]), v16), align=1))
+            dx = gen.splat(gen.load((xd, None), None, b.add(b.mul(t, xdw), j)))
+            v = gen.fma(b.sitofp(isc, VF), b.fmul(dx, dwv), b.load(acc))
+            v = gen.fma(b.sitofp(imn, VF), b.fneg(b.fmul(dx, dmv)), v)
+            b.store(v, acc)
+        b.store(b.load(acc), b.bitcast(out, VF.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return codegen
 
 
 Q6K_PLANES = ("uint8", "uint8", "int8", "uint16")  # q6_kx16
@@ -340,11 +410,13 @@ def _codegen_q6k(context, builder, sig, args):
 def _dot16(typingctx, planes, xq, xd, xs, xm, t, b0, b1, g, out):
     """out[l] = sum over blocks b in [b0, b1) of f16(d[16g+l, b]) * xd[t, b - b0] * (integer
     dot of block b of row 16g+l with xq[t, 32(b - b0):+32]) (+ f16(m[16g+l, b]) * xm[t,
-    b - b0] with mins), l < 16; Q4_K: blocks are super-blocks of 256 (_codegen_q4k)."""
+    b - b0] with mins), l < 16; K-quants: blocks are super-blocks of 256 (_codegen_qk,
+    _codegen_q6k)."""
     sig = types.void(planes, xq, xd, xs, xm, t, b0, b1, g, out)
     dtypes = tuple(str(p.dtype) for p in planes) if isinstance(planes, types.BaseTuple) else ()
-    if dtypes in (K_PLANES, Q6K_PLANES):
-        return sig, _codegen_q4k if dtypes == K_PLANES else _codegen_q6k
+    if dtypes in (K_PLANES, K5_PLANES, Q6K_PLANES):
+        codegen = _codegen_q6k if dtypes == Q6K_PLANES else _codegen_qk(dtypes == K5_PLANES)
+        return sig, codegen
     lay = _layout_of(planes)
     return None if lay is None else (sig, _codegen(lay))
 
@@ -376,11 +448,11 @@ class _Interleaved:
 
     BLOCK = 32
 
-    def __init__(self, base, q4: bool, mins: bool) -> None:
-        self.base, self.q4, self.mins = base, q4, mins
+    def __init__(self, base, q4: bool, mins: bool, e8m0: bool = False) -> None:
+        self.base, self.q4, self.mins, self.e8m0 = base, q4, mins, e8m0
         self.KIND = base.KIND + "x16"
         self.BLOCK_BYTES = base.BLOCK_BYTES
-        self.header = 4 if mins else 2
+        self.header = 1 if e8m0 else 4 if mins else 2  # bytes of scales ahead of the quants
         self.chunks = 4 if q4 else 8
 
     def from_raw(self, raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, ...]:
@@ -393,6 +465,9 @@ class _Interleaved:
         q = np.ascontiguousarray(qs).reshape(rows, -1)
         if not self.q4:
             q = q.view(np.int8)
+        if self.e8m0:
+            e = np.ascontiguousarray(blk[..., 0].transpose(0, 2, 1)).reshape(rows, B)
+            return q, e
         halves = np.ascontiguousarray(blk[..., :h]).view(np.uint16)  # [G, 16, B, h / 2]
         scales = [
             np.ascontiguousarray(halves[..., k].transpose(0, 2, 1)).reshape(rows, B)
@@ -405,9 +480,10 @@ class _Interleaved:
         q, *scales = planes
         B, G, c, h = cols // 32, rows // GROUP, self.chunks, self.header
         raw = np.empty((G, GROUP, B, self.BLOCK_BYTES), np.uint8)
+        size = 1 if self.e8m0 else 2
         for k, sc in enumerate(scales):
             sg = np.ascontiguousarray(sc.reshape(G, B, GROUP).transpose(0, 2, 1))
-            raw[..., 2 * k : 2 * k + 2] = sg.view(np.uint8).reshape(G, GROUP, B, 2)
+            raw[..., size * k : size * k + size] = sg.view(np.uint8).reshape(G, GROUP, B, size)
         qs = q.view(np.uint8).reshape(G, B, c, GROUP, 4).transpose(0, 3, 1, 2, 4)
         raw[..., h:] = qs.reshape(G, GROUP, B, 4 * c)
         return raw.reshape(-1)
@@ -427,52 +503,70 @@ class _Interleaved:
             _par(planes, xq, xd, xs, xm, out, r0, r1, b0, b1, ooff, nt)
 
 
-class _InterleavedQ4K:
-    """Q4_K against Q8_K activations: planes q uint8 [N, 128S] (flat per group [S, 4, 8, 16,
-    4]: byte 4c+i of the k-th 32-byte run of super-block s, row 16g+l), sc and mn uint8
-    [N, 8S] (flat [S, 8, 16]: the 6-bit scale and min of each sub-block), d and dmin uint16
-    [N, S] (flat [S, 16]); 148 bytes per 256 weights against GGUF's 144 (scales unpacked)."""
+def k_scale_bytes(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """The 12 packed bytes of Q4_K/Q5_K's eight 6-bit scales and mins (mm_gguf.k_scales's
+    inverse): [..., 8] each -> [..., 12]."""
+    lo = (sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6)
+    hi = (mn[..., :4] & 63) | ((mn[..., 4:] >> 4) << 6)
+    mix = (sc[..., 4:] & 15) | ((mn[..., 4:] & 15) << 4)
+    return np.concatenate([lo, hi, mix], axis=-1).astype(np.uint8)
 
-    KIND, BLOCK, BLOCK_BYTES = "q4_kx16", 256, 144
-    base = mm_gguf.Q4_K
+
+class _InterleavedK:
+    """Q4_K (and Q5_K, `high`) against Q8_K activations: planes q uint8 [N, 128S] (flat per
+    group [S, 4, 8, 16, 4]: byte 4c+i of the k-th 32-byte run of super-block s, row 16g+l);
+    Q5_K: qh uint8 [N, 32S] (flat [S, 8, 16, 4]: GGUF's fifth-bit byte of weight 4c+i, bit j
+    for sub-block j); sc and mn uint8 [N, 8S] (flat [S, 8, 16]: the 6-bit scale and min of
+    each sub-block), d and dmin uint16 [N, S] (flat [S, 16]); 4 bytes per 256 weights more
+    than GGUF (the scales unpacked, as the float kernels' planes hold them)."""
+
+    BLOCK = 256
+
+    def __init__(self, base, high: bool) -> None:
+        self.base, self.high = base, high
+        self.KIND, self.BLOCK_BYTES = base.KIND + "x16", base.BLOCK_BYTES
 
     def from_raw(self, raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, ...]:
         if rows % GROUP:
             raise ValueError(f"{self.KIND} needs rows in multiples of {GROUP}, got {rows}")
         S, G = cols // 256, rows // GROUP
-        blk = raw.reshape(G, GROUP, S, 144)
+        blk = raw.reshape(G, GROUP, S, self.BLOCK_BYTES)
 
         def grouped(a: np.ndarray) -> np.ndarray:  # [G, 16, S, ...] -> [N, S * ...] by group
-            order = (0, 2, *range(3, a.ndim), 1)
+            order = (0, 2, *range(3, a.ndim - 1), 1, a.ndim - 1)
             return np.ascontiguousarray(a.transpose(order)).reshape(rows, -1)
 
         halves = np.ascontiguousarray(blk[..., :4]).view(np.uint16)  # [G, 16, S, 2]
         sc, mn = mm_gguf.k_scales(blk[..., 4:16])  # [G, 16, S, 8]
-        q = blk[..., 16:].reshape(G, GROUP, S, 4, 8, 4).transpose(0, 2, 3, 4, 1, 5)
-        q = np.ascontiguousarray(q).reshape(rows, -1)
-        return q, grouped(sc), grouped(mn), grouped(halves[..., 0]), grouped(halves[..., 1])
+        q = grouped(blk[..., -128:].reshape(G, GROUP, S, 4, 8, 4))
+        high = (grouped(blk[..., 16:48].reshape(G, GROUP, S, 8, 4)),) if self.high else ()
+        d, dmin = (grouped(halves[..., k : k + 1]) for k in (0, 1))
+        return (q, *high, grouped(sc[..., None]), grouped(mn[..., None]), d, dmin)
 
-    def plain(self, planes: tuple[np.ndarray, ...], rows: int, cols: int) -> tuple:
-        """The same weights as mm_gguf.Q4_K's planes."""
-        q, sc, mn, d, dmin = planes
+    def to_raw(self, planes: tuple[np.ndarray, ...], rows: int, cols: int) -> np.ndarray:
+        """The inverse of from_raw: GGUF bytes [rows * super-blocks * block bytes]."""
+        q, *high, sc, mn, d, dmin = planes
         S, G = cols // 256, rows // GROUP
 
-        def rowwise(a: np.ndarray, inner: int) -> np.ndarray:  # inverse of grouped
-            a = a.reshape(G, S, inner, GROUP).transpose(0, 3, 1, 2)
-            return np.ascontiguousarray(a).reshape(rows, -1)
+        def rowwise(a: np.ndarray, *inner: int) -> np.ndarray:  # [G, 16, S, *inner]
+            a = a.reshape(G, S, *inner[:-1], GROUP, inner[-1])
+            order = (0, a.ndim - 2, 1, *range(2, a.ndim - 2), a.ndim - 1)
+            return a.transpose(order)
 
-        bytes_ = q.reshape(G, S, 4, 8, GROUP, 4).transpose(0, 4, 1, 2, 3, 5).reshape(rows, S, 4, 32)
-        w = np.stack([bytes_ & 15, bytes_ >> 4], axis=3).reshape(rows, -1, 32)
-        return (
-            mm_subblock.nibble_bytes(w),
-            rowwise(sc, 8),
-            rowwise(mn, 8),
-            rowwise(d, 1),
-            rowwise(dmin, 1),
-        )
+        raw = np.empty((G, GROUP, S, self.BLOCK_BYTES), np.uint8)
+        raw[..., 0:2] = rowwise(d, 1).copy().view(np.uint8).reshape(G, GROUP, S, 2)
+        raw[..., 2:4] = rowwise(dmin, 1).copy().view(np.uint8).reshape(G, GROUP, S, 2)
+        scales = rowwise(sc, 8, 1)[..., 0]
+        mins = rowwise(mn, 8, 1)[..., 0]
+        raw[..., 4:16] = k_scale_bytes(scales, mins)
+        if high:
+            raw[..., 16:48] = rowwise(high[0], 8, 4).reshape(G, GROUP, S, 32)
+        raw[..., -128:] = rowwise(q, 4, 8, 4).reshape(G, GROUP, S, 128)
+        return raw.reshape(-1)
 
     def dequantize(self, planes: tuple[np.ndarray, ...], rows: int, cols: int) -> np.ndarray:
-        return self.base.dequantize(self.plain(planes, rows, cols), rows, cols)
+        raw = self.to_raw(planes, rows, cols)
+        return self.base.dequantize(self.base.from_raw(raw, rows, cols), rows, cols)
 
     def run(self, planes, x, out, r0, r1, c0, c1, xoff, ooff, nt, per_token=False) -> None:
         """As _Interleaved.run, with Q8_K activations."""
@@ -557,12 +651,14 @@ class _InterleavedQ6K:
         raw = self.to_raw(planes, rows, cols)
         return self.base.dequantize(self.base.from_raw(raw, rows, cols), rows, cols)
 
-    run = _InterleavedQ4K.run
+    run = _InterleavedK.run
 
 
 Q4_0X16 = _Interleaved(mm_q4_0, True, False)
 Q8_0X16 = _Interleaved(mm_q8_0, False, False)
 Q4_1X16 = _Interleaved(mm_gguf.Q4_1, True, True)
-Q4_KX16 = _InterleavedQ4K()
+MXFP4X16 = _Interleaved(mm_gguf.MXFP4, True, False, e8m0=True)
+Q4_KX16 = _InterleavedK(mm_gguf.Q4_K, False)
+Q5_KX16 = _InterleavedK(mm_gguf.Q5_K, True)
 Q6_KX16 = _InterleavedQ6K()
-KINDS = (Q4_0X16, Q8_0X16, Q4_1X16, Q4_KX16, Q6_KX16)
+KINDS = (Q4_0X16, Q8_0X16, Q4_1X16, MXFP4X16, Q4_KX16, Q5_KX16, Q6_KX16)

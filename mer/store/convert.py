@@ -21,7 +21,7 @@ from mer.errors import MerError, ModelFormatError, os_error_text
 from mer.io.arena import ALIGN, round_up
 from mer.kernels.matmul import PackedWeight, packing, requantize
 from mer.kernels.matmul import activations as packing_mode
-from mer.model import open_model_files
+from mer.model import DEFAULT_ACTIVATIONS, open_model_files
 from mer.models.args import ModelArgs
 from mer.models.hf import QUANT_KINDS
 from mer.models.weights import ExpertSpec, ExpertWeights, MatrixSpec, ModelWeights
@@ -132,9 +132,9 @@ def convert(
     trace record`): each layer's experts are laid out so that experts used together lie
     together (`mer.cache.trace.co_use_order`), else in id order. The store is written
     beside `dst` and swapped in complete (`mer.store.staging`): an interrupted conversion
-    leaves `dst` as it was. activations: the mode the store's weights are packed for
-    ("q8": Q4_0 and Q8_0 matrices row-interleaved for the integer kernels, so that streamed
-    experts need no repacking; default: the process's mode, `set_activations`).
+    leaves `dst` as it was. activations: the mode the store's weights are packed for ("q8",
+    the default: Q4_0, Q8_0, Q4_1, Q4_K and Q6_K matrices row-interleaved for the integer
+    kernels, so that streamed experts need no repacking; "f32": float activations).
     """
     src, dst = Path(src), Path(dst)
     if quant is not None and quant not in QUANT_KINDS:
@@ -142,6 +142,7 @@ def convert(
     if fmt.is_store(src):
         raise ModelFormatError(f"{src}: already a mer store")
     _check_destination(dst, force)
+    activations = activations or DEFAULT_ACTIVATIONS
     args, weights, tokenizer, _ = open_model_files(src, stream=True, activations=activations)
     orders = None if trace is None else _layout_orders(Path(trace), args)
     dst.parent.mkdir(parents=True, exist_ok=True)

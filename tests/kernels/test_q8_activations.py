@@ -22,10 +22,12 @@ KINDS = {
     "q4_0": mm_x16.Q4_0X16,
     "q8_0": mm_x16.Q8_0X16,
     "q4_1": mm_x16.Q4_1X16,
+    "mxfp4": mm_x16.MXFP4X16,
     "q4_k": mm_x16.Q4_KX16,
+    "q5_k": mm_x16.Q5_KX16,
     "q6_k": mm_x16.Q6_KX16,
 }
-BLOCK = {"q4_k": 256, "q6_k": 256}  # columns per block (32 for the others)
+BLOCK = {"q4_k": 256, "q5_k": 256, "q6_k": 256}  # columns per block (32 for the others)
 X86 = platform.machine() in ("x86_64", "AMD64")
 
 
@@ -46,8 +48,8 @@ def q4_1_blocks(w: np.ndarray) -> np.ndarray:
 
 
 def k_blocks(kind: str, rows: int, cols: int, rng) -> np.ndarray:
-    """Random Q4_K [N, S, 144] or Q6_K [N, S, 210] bytes with moderate finite f16 fields."""
-    size, halves_at = {"q4_k": (144, (0, 2)), "q6_k": (210, (208,))}[kind]
+    """Random Q4_K, Q5_K or Q6_K bytes [N, S, block bytes] with moderate finite f16 fields."""
+    size, halves_at = {"q4_k": (144, (0, 2)), "q5_k": (176, (0, 2)), "q6_k": (210, (208,))}[kind]
     raw = rng.integers(0, 256, size=(rows, cols // 256, size), dtype=np.uint8)
     for off in halves_at:
         halves = (rng.standard_normal(raw.shape[:2]) * 0.01).astype(np.float16)
@@ -58,10 +60,16 @@ def k_blocks(kind: str, rows: int, cols: int, rng) -> np.ndarray:
 def blocks(kind: str, w: np.ndarray) -> np.ndarray:
     """GGUF bytes [N, B, block bytes] of w (K-quants: random blocks of w's shape); Q8_0
     weights include -128 as a file may."""
-    if kind in ("q4_k", "q6_k"):
+    if kind in ("q4_k", "q5_k", "q6_k"):
         return k_blocks(kind, *w.shape, np.random.default_rng(int(abs(w[0, 0]) * 1e6)))
     if kind == "q4_1":
         return q4_1_blocks(w)
+    if kind == "mxfp4":  # random nibbles, exponents around 2^-10 (and a few subnormal ones)
+        rng = np.random.default_rng(int(abs(w[0, 0]) * 1e6))
+        raw = rng.integers(0, 256, size=(w.shape[0], w.shape[1] // 32, 17), dtype=np.uint8)
+        raw[..., 0] = rng.integers(110, 136, raw.shape[:2])
+        raw[0, :, 0] = np.arange(raw.shape[1]) % 3  # e = 0, 1, 2
+        return raw
     raw = quantize_blocks(w, kind).reshape(w.shape[0], w.shape[1] // 32, -1)
     if kind == "q8_0":
         raw[0, 0, 2] = 128  # int8 -128
@@ -71,19 +79,24 @@ def blocks(kind: str, w: np.ndarray) -> np.ndarray:
 def reference(kind: str, raw: np.ndarray, x: np.ndarray) -> np.ndarray:
     """float64 [n, N]: ggml's arithmetic per block, summed exactly: f16(d_w) f16(d_x) isum
     (+ f16(m_w) * Q8_1's f16(s_x) for Q4_1), with the activations quantized by act_q8."""
-    if kind == "q4_k":
+    if kind in ("q4_k", "q5_k"):
         return reference_q4_k(raw, x)
     if kind == "q6_k":
         return reference_q6_k(raw, x)
     n_rows, nb = raw.shape[:2]
     xq, xd, _, xm = act_q8.quantize(x, 0, 32 * nb)
-    h = 4 if kind == "q4_1" else 2
-    d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)
+    h = {"q4_1": 4, "mxfp4": 1}.get(kind, 2)
+    if kind == "mxfp4":  # 2^(e - 128): the table's values are doubled
+        d = 2.0 ** (raw[..., 0].astype(np.float64) - 128)
+    else:
+        d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)
     if kind == "q8_0":
         q = raw[..., 2:].view(np.int8).astype(np.int64)
     else:
         qs = raw[..., h:]
         q = np.concatenate([qs & 15, qs >> 4], -1).astype(np.int64) - (8 if kind == "q4_0" else 0)
+        if kind == "mxfp4":
+            q = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12])[q]
     isum = np.einsum("rbj,tbj->trb", q, xq.reshape(len(x), nb, 32).astype(np.int64))
     out = isum * d[None] * xd[:, None, :].astype(np.float64)
     if kind == "q4_1":
@@ -93,7 +106,7 @@ def reference(kind: str, raw: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def reference_q4_k(raw: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """ggml's Q4_K x Q8_K per super-block: d_x d_w sum_j sc_j isum_j - d_x dmin_w sum_j
+    """ggml's Q4_K (Q5_K) x Q8_K per super-block: d_x d_w sum_j sc_j isum_j - d_x dmin_w sum_j
     mn_j bsum_j, exact integers, float64 sums."""
     from mer.kernels.mm_gguf import k_scales
 
@@ -102,8 +115,11 @@ def reference_q4_k(raw: np.ndarray, x: np.ndarray) -> np.ndarray:
     d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)
     dmin = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
     sc, mn = (a.astype(np.int64) for a in k_scales(raw[..., 4:16]))  # [N, S, 8]
-    qs = raw[..., 16:].reshape(n_rows, S, 4, 1, 32) >> np.array([0, 4], np.uint8)[:, None]
+    qs = raw[..., -128:].reshape(n_rows, S, 4, 1, 32) >> np.array([0, 4], np.uint8)[:, None]
     q = (qs & 15).reshape(n_rows, S, 8, 32).astype(np.int64)
+    if raw.shape[-1] == 176:  # Q5_K: bit j of byte i is the fifth bit of weight i of sub-block j
+        qh = raw[..., 16:48].astype(np.int64)  # [N, S, 32]
+        q = q | (((qh[:, :, None, :] >> np.arange(8)[:, None]) & 1) << 4)
     a = xq.reshape(len(x), S, 8, 32).astype(np.int64)
     isum = np.einsum("rsuj,tsuj->trsu", q, a)
     sumi = (isum * sc[None]).sum(-1)
@@ -197,9 +213,7 @@ def test_dot_products_equal_ggml(kind):
     n_rows, k = 32, BLOCK.get(kind, 32) * 19
     raw = blocks(kind, rng.standard_normal((n_rows, k)).astype(np.float32))
     x = activations_rng(rng, 1, k)
-    pair = {"q4_1": ("q8_1", 36), "q4_k": ("q8_K", 292), "q6_k": ("q8_K", 292)}.get(
-        kind, ("q8_0", 34)
-    )
+    pair = {"q4_1": ("q8_1", 36)}.get(kind, ("q8_K", 292) if "_k" in kind else ("q8_0", 34))
     y = ggml_blocks(lib, f"quantize_row_{pair[0]}", x, pair[1], BLOCK.get(kind, 32))
     dot = getattr(lib, f"ggml_vec_dot_{kind.replace('_k', '_K')}_{pair[0]}")
     want = np.zeros(n_rows, np.float32)
@@ -303,12 +317,11 @@ def test_packing(kind):
     k = 3 * BLOCK.get(kind, 32)
     raw = blocks(kind, rng.standard_normal((48, k)).astype(np.float32)).reshape(-1)
     plain = mm.from_gguf_blocks(raw, kind, 48, k)
-    assert plain.kind == kind  # f32 is the process's default
+    assert plain.kind == kind  # packing is for f32 unless a block says otherwise
     w = mm.from_gguf_blocks(raw, kind, 48, k, activations="q8")
     assert w.gguf_nbytes == plain.gguf_nbytes
-    assert w.nbytes == plain.nbytes  # GGUF-sized (Q4_K: scales unpacked, as the plain kind)
-    if kind != "q4_k":  # (its planes hold the 6-bit scales unpacked)
-        np.testing.assert_array_equal(KINDS[kind].to_raw(w.planes, 48, k), raw)
+    assert w.nbytes == plain.nbytes  # GGUF-sized (K-quants: scales unpacked, as the plain kind)
+    np.testing.assert_array_equal(KINDS[kind].to_raw(w.planes, 48, k), raw)
     np.testing.assert_array_equal(mm.dequantize(w), mm.dequantize(plain))
     assert [(p.dtype.str, p.shape) for p in w.planes] == [
         (dtype, shape) for dtype, shape in mm.plane_specs(w.kind, 48, k)
@@ -326,4 +339,5 @@ def test_packing(kind):
 
 def test_unknown_mode():
     with pytest.raises(ValueError, match="activations must be one of f32, q8"):
-        mm.set_activations("int4")
+        with mm.packing("int4"):
+            pass

@@ -59,11 +59,10 @@ def agreement(model, llm) -> tuple[list[float], list[float]]:
     return tops, kls
 
 
-@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_k_m"])
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_k_m", "q5_k_m"])
 def test_q8_activations_agree_with_llamacpp_closer_than_f32(files, kind):
     # 8-bit activations are what llama.cpp multiplies these weights with: every product is
     # then the same up to float summation order, and the logits come closer than f32's.
-    # (Q4_K_M: the Q4_K matrices; its Q6_K ones keep float activations for now.)
     _, paths = files
     llm = llamacpp.load(paths[kind], n_ctx=256)
     q8 = mer.load_model(paths[kind], activations="q8")
@@ -142,9 +141,12 @@ def test_f16_file_agrees_with_transformers(files):
 
 def test_k_quant_files_use_k_blocks(files):
     _, paths = files
-    kinds = {e.gate.kind for e in mer.load_model(paths["q4_k_m"]).weights.layers[0].experts}
-    assert kinds <= {"q4_k", "q5_k", "q6_k"}
-    assert mer.load_model(paths["q5_k_m"]).weights.lm_head.kind == "q6_k"
+    for activations, x16 in (("f32", ""), ("q8", "x16")):
+        model = mer.load_model(paths["q4_k_m"], activations=activations)
+        kinds = {e.gate.kind for e in model.weights.layers[0].experts}
+        assert kinds <= {"q4_k" + x16, "q5_k", "q6_k" + x16}
+        model = mer.load_model(paths["q5_k_m"], activations=activations)
+        assert model.weights.lm_head.kind == "q6_k" + x16
 
 
 def test_per_expert_layout_gives_same_logits(files, tmp_path):

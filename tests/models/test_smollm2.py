@@ -71,7 +71,7 @@ def path():
 
 @pytest.fixture(scope="module")
 def model(path):
-    return mer.load_model(path)
+    return mer.load_model(path, activations="f32")
 
 
 @pytest.fixture(scope="module")
