@@ -3,6 +3,7 @@ tensor views, with every failure turned into one line that names the file or ten
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,15 @@ class GGUFFile:
         """Free the parsed metadata (the reader keeps every vocabulary entry as its own arrays);
         tensors stay readable, `meta` no longer is."""
         self.reader.fields.clear()
+
+    def drop_pages(self) -> None:
+        """Unmap this process's resident pages of the file (they stay in the page cache, and
+        come back on the next read). Once packing has copied the quantized matrices into
+        their kernel layouts, the file's own pages would count a second time against the
+        process's memory."""
+        mapped = getattr(self.reader.data, "_mmap", None)
+        if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mapped.madvise(mmap.MADV_DONTNEED)
 
     def has(self, name: str) -> bool:
         return name in self.tensors

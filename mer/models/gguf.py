@@ -67,6 +67,7 @@ def load_gguf(path: Path, stream: bool = False) -> tuple[ModelArgs, ModelWeights
     tokenizer = gguf_tokenizer(gg)
     weights = _Loader(gg, args, stream).model()
     gg.drop_metadata()  # the vocabulary's fields alone take ~150 MB for 50k tokens
+    gg.drop_pages()  # packing read them; what stays a view of the file faults back in
     return args, weights, tokenizer
 
 
