@@ -64,9 +64,15 @@ def published(tmp_path_factory):
 
 def test_logits_match_transformers_on_the_dequantized_experts(published):
     model, path = published
-    ours = mer.load_model(path)
+    ours = mer.load_model(path, activations="f32")  # transformers' float arithmetic
     assert ours.weights.layers[0].experts[0].gate.kind == "mxfp4"
     assert rel_err(ours.logits(IDS), hf_logits(model, IDS)) <= 1e-4
+    # with 8-bit activations (the default): the integer kernel, the same weights
+    q8 = mer.load_model(path)
+    assert q8.weights.layers[0].experts[0].gate.kind == "mxfp4x16"
+    got, want = (dequantize(m.weights.layers[1].experts[5].gate) for m in (q8, ours))
+    np.testing.assert_array_equal(got, want)
+    assert rel_err(q8.logits(IDS), hf_logits(model, IDS)) <= 0.05
     # each expert matrix holds exactly the values transformers dequantizes
     experts = model.model.layers[1].mlp.experts
     gate_up = experts.gate_up_proj.detach()[5].T.numpy()  # [2I, D]

@@ -54,6 +54,7 @@ def generate_in_background(url: str, key: str | None, max_tokens: int, n: int = 
                 temperature=0.8,
                 seed=seed,
                 stream=True,
+                extra_body={"ignore_eos": True},  # every completion runs to max_tokens
             )
             chunks, finish = 0, None
             for chunk in stream:

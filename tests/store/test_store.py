@@ -32,11 +32,12 @@ def test_manifest_describes_every_expert(q4_store):
     cfg = manifest["config"]
     entries = manifest["experts"]["entries"]
     assert manifest["format"] == "mer-store" and manifest["version"] == 1
+    assert manifest["activations"] == "q8"  # the default: experts packed for the integer kernels
     assert len(entries) == cfg["n_layers"] * cfg["n_experts"] == 16
     size = (q4_store / "experts.bin").stat().st_size
     for entry in entries:
         assert entry["offset"] % 4096 == 0
-        assert entry["kinds"] == ["q4_0", "q4_0", "q4_0"]
+        assert entry["kinds"] == ["q4_0x16", "q4_0x16", "q4_0x16"]
         assert entry["offset"] + entry["length"] <= size
         int(entry["xxh3"], 16)
     assert (q4_store / "tokenizer.json").is_file()
