@@ -37,8 +37,9 @@ def _sum_chunks(a, nt):
     n = a.size
     for c in prange(nt):
         acc = np.uint64(0)
-        for i in range(c * n // nt, (c + 1) * n // nt):
-            acc += a[i]
+        lo = np.uint64(c * n // nt)
+        for k in range(np.uint64((c + 1) * n // nt) - lo):
+            acc += a[lo + np.uint64(k)]  # unsigned: no wraparound check, so LLVM vectorizes
         out[c] = acc
     return out
 
@@ -104,7 +105,7 @@ def _make_weights(kind: str, rows: int, cols: int, pool_bytes: int) -> list[mm.P
 
 def time_matvec(ws: list[mm.PackedWeight], threads: int, repeat: int) -> float:
     """Median seconds of one matvec, cycling through the copies."""
-    mm.set_num_threads(threads)
+    mm.set_num_threads(threads, adaptive=False)  # every call on exactly `threads`
     x = np.random.default_rng(1).standard_normal((1, ws[0].cols), dtype=np.float32)
     out = np.empty((1, ws[0].rows), np.float32)
     for w in ws[:2]:
