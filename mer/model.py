@@ -187,11 +187,12 @@ def load_model(
     coalesce: read experts that follow each other on disk with one request;
     streamer_factory(source, args): what streams the experts instead of an in-process
     `ExpertStreamer` (the service's engine: `mer.cache.remote`).
-    activations: "q8" runs Q4_0, Q8_0, Q4_1, Q4_K and Q6_K weights against activations
-    quantized to 8 bits, with integer dot products as llama.cpp computes them (several times
-    faster); "f32" against float activations (within float rounding of the dequantized
-    weights, as transformers computes them). None: a store's own (as `mer convert
-    --activations` made it), else "q8". Experts streamed later are packed in the same mode.
+    activations: "q8" runs Q4_0, Q8_0, Q4_1, MXFP4, Q4_K, Q5_K and Q6_K weights against
+    activations quantized to 8 bits, with integer dot products as llama.cpp computes them
+    (several times faster); "f32" against float activations (within float rounding of the
+    dequantized weights, as transformers computes them). None: a store's own (as `mer
+    convert --activations` made it), else "q8". Experts streamed later are packed in the
+    same mode.
     """
     from dataclasses import replace
 

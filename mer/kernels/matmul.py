@@ -29,9 +29,9 @@ _KINDS: dict[str, ModuleType] = {
     for m in (mm_f32, mm_half.F16, mm_half.BF16, mm_q8_0, mm_q4_0, *mm_gguf.KINDS, mm_gguf.MXFP4)
     + mm_x16.KINDS
 }
-# With 8-bit activations, Q4_0, Q8_0, Q4_1, Q4_K and Q6_K are packed row-interleaved for
-# the integer kernels (mm_x16) when their rows come in whole groups; the other kinds keep
-# float activations.
+# With 8-bit activations, the block types mm_x16 has integer kernels for (Q4_0, Q8_0, Q4_1,
+# MXFP4, Q4_K, Q5_K, Q6_K) are packed row-interleaved for them when their rows come in whole
+# groups of 16; the other kinds keep float activations.
 _INTEGER = {m.base.KIND: m.KIND for m in mm_x16.KINDS}
 _PLAIN = {v: k for k, v in _INTEGER.items()}
 ACTIVATIONS = ("f32", "q8")
@@ -146,8 +146,8 @@ def from_gguf_blocks(
 
 def packed_kind(kind: str, rows: int, mode: str | None = None) -> str:
     """The kind GGUF blocks of `kind` are packed as for activations `mode` (default: the mode
-    in force): with "q8", Q4_0, Q8_0 and Q4_1 matrices of whole 16-row groups become their
-    integer kinds."""
+    in force): with "q8", matrices of whole 16-row groups of a block type that has an integer
+    kernel become its integer kind ("q4_0" -> "q4_0x16")."""
     mode = activations() if mode is None else _check_mode(mode)
     if mode == "q8" and kind in _INTEGER and rows % mm_x16.GROUP == 0:
         return _INTEGER[kind]
@@ -308,9 +308,9 @@ def _check_mode(mode: str) -> str:
 def activations() -> str:
     """The activations mode packing follows here: the innermost `packing` block's, else
     "f32". "f32": float activations, within float rounding of the dequantized weights. "q8":
-    Q4_0, Q8_0, Q4_1, Q4_K and Q6_K matrices are packed for activations quantized to 8 bits
-    per token and integer dot products, as llama.cpp's CPU backend computes them (several
-    times faster)."""
+    Q4_0, Q8_0, Q4_1, MXFP4, Q4_K, Q5_K and Q6_K matrices are packed for activations
+    quantized to 8 bits per token and integer dot products, as llama.cpp's CPU backend
+    computes them (several times faster)."""
     return _packing.get()
 
 

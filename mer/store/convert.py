@@ -133,8 +133,8 @@ def convert(
     together (`mer.cache.trace.co_use_order`), else in id order. The store is written
     beside `dst` and swapped in complete (`mer.store.staging`): an interrupted conversion
     leaves `dst` as it was. activations: the mode the store's weights are packed for ("q8",
-    the default: Q4_0, Q8_0, Q4_1, Q4_K and Q6_K matrices row-interleaved for the integer
-    kernels, so that streamed experts need no repacking; "f32": float activations).
+    the default: the block types with integer kernels row-interleaved for them, so that
+    streamed experts need no repacking; "f32": float activations).
     """
     src, dst = Path(src), Path(dst)
     if quant is not None and quant not in QUANT_KINDS:
