@@ -124,7 +124,7 @@ class Serve:
         client = OpenAI(base_url=self.url + "/v1", api_key="-", max_retries=0, timeout=900)
         stamps = []
         for chunk in client.completions.create(
-            model="m",
+            model=client.models.list().data[0].id,  # the name the service serves
             prompt=PROMPT,
             max_tokens=tokens,
             temperature=0,
