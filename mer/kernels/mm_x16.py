@@ -41,6 +41,15 @@ from .mm_sb_ir import I32, MXFP4_VALUES, VF, VI, ZERO, Gen, i64, lookup
 I8, I16 = ir.IntType(8), ir.IntType(16)
 V64B, V32B = ir.VectorType(I8, 64), ir.VectorType(I8, 32)
 GROUP = 16
+IZERO = ir.Constant(VI, [0] * 16)
+VB16P = ir.VectorType(I8, 16).as_pointer()
+V16P = ir.VectorType(I16, 16).as_pointer()
+
+
+def _bytes(v: int) -> ir.Constant:
+    """<64 x i8> of v."""
+    return ir.Constant(V64B, [v] * 64)
+
 
 # CPUs by name (NUMBA_CPU_NAME pins one, as the tests do to force a path) -> integer path.
 _VNNI_CPUS = {
@@ -116,6 +125,12 @@ def _halves_to_float(gen: Gen, h):
     special = b.or_(b.shl(em, _vi(13)), _vi(0x7F800000))
     bits = b.select(b.icmp_unsigned(">=", em, _vi(0x7C00)), special, b.bitcast(f, VI))
     return b.bitcast(b.or_(bits, sign), VF)
+
+
+def _load_halves(gen: Gen, plane, at):
+    """<16 x float> of the 16 f16 values at plane[at]."""
+    b = gen.b
+    return _halves_to_float(gen, b.load(b.bitcast(b.gep(plane, [at]), V16P), align=1))
 
 
 def _vi(v: int):
@@ -202,15 +217,12 @@ def _codegen(lay: _Layout):
         dbase = b.mul(b.mul(g, i64(GROUP)), dw)
         xrow, xdrow = b.mul(t, xw), b.mul(t, xdw)
         acc = cgutils.alloca_once_value(b, ZERO)
-        low = ir.Constant(V64B, [15] * 64)
-        four = ir.Constant(V64B, [4] * 64)
-        izero = ir.Constant(VI, [0] * 16)
-        v16 = ir.VectorType(I16, 16).as_pointer()
+        low, four = _bytes(15), _bytes(4)
         with cgutils.for_range(b, b.sub(b1, b0)) as loop:
             j = loop.index  # block b0 + j; activations are indexed from b0
             wbase = b.add(qbase, b.mul(b.add(b0, j), i64(block_bytes)))
             abase = b.add(xrow, b.mul(j, i64(32)))
-            s0, s1 = izero, izero
+            s0, s1 = IZERO, IZERO
             for c in range(chunks):
                 wptr = b.gep(q, [b.add(wbase, i64(64 * c))])
                 w = b.load(b.bitcast(wptr, V64B.as_pointer()), align=1)
@@ -234,17 +246,14 @@ def _codegen(lay: _Layout):
             doff = b.add(dbase, b.mul(b.add(b0, j), i64(GROUP)))
             dx = gen.splat(gen.load((xd, None), None, at))
             if lay.table:  # ggml: f16(d_x) * e8m0_half(e)
-                ev = b.load(
-                    b.bitcast(b.gep(d, [doff]), ir.VectorType(I8, 16).as_pointer()), align=1
-                )
+                ev = b.load(b.bitcast(b.gep(d, [doff]), VB16P), align=1)
                 scale = b.fmul(dx, _e8m0_half(gen, ev))
             else:
-                dv = b.load(b.bitcast(b.gep(d, [doff]), v16), align=1)
-                scale = b.fmul(_halves_to_float(gen, dv), dx)
+                scale = b.fmul(_load_halves(gen, d, doff), dx)
             v = gen.fma(b.sitofp(isum, VF), scale, b.load(acc))
             if lay.mins:  # + m * s, s = d_x * sum(a) as ggml's Q8_1 keeps it
-                mv = b.load(b.bitcast(b.gep(p[2][0], [doff]), v16), align=1)
-                v = gen.fma(_halves_to_float(gen, mv), gen.splat(gen.load((xm, None), None, at)), v)
+                xm_t = gen.splat(gen.load((xm, None), None, at))
+                v = gen.fma(_load_halves(gen, p[2][0], doff), xm_t, v)
             b.store(v, acc)
         b.store(b.load(acc), b.bitcast(out, VF.as_pointer()), align=4)
         return context.get_dummy_value()
@@ -279,15 +288,8 @@ def _codegen_qk(high: bool):
         hbase = b.mul(g16, hw) if high else None
         acc = cgutils.alloca_once_value(b, ZERO)
 
-        def bytes_(v: int):
-            return ir.Constant(V64B, [v] * 64)
-
-        izero = ir.Constant(VI, [0] * 16)
-        vb16 = ir.VectorType(I8, 16).as_pointer()
-        v16 = ir.VectorType(I16, 16).as_pointer()
-
         def lanes(plane, at):  # 16 unsigned bytes -> <16 x i32>
-            return b.zext(b.load(b.bitcast(b.gep(plane, [at]), vb16), align=1), VI)
+            return b.zext(b.load(b.bitcast(b.gep(plane, [at]), VB16P), align=1), VI)
 
         def load64(plane, at):
             return b.load(b.bitcast(b.gep(plane, [at]), V64B.as_pointer()), align=1)
@@ -299,16 +301,16 @@ def _codegen_qk(high: bool):
             abase = b.add(b.mul(t, xw), b.mul(j, i64(256)))
             sub_base = b.add(sbase, b.mul(sb, i64(GROUP * 8)))
             xs_base = b.add(b.mul(t, xsw), b.mul(j, i64(16)))
-            isc, imn = izero, izero
+            isc, imn = IZERO, IZERO
             for k in range(4):
-                s_lo, s_hi = izero, izero
+                s_lo, s_hi = IZERO, IZERO
                 for c in range(8):
                     w = load64(q, b.add(wbase, i64(512 * k + 64 * c)))
-                    lo, hi = b.and_(w, bytes_(15)), b.lshr(w, bytes_(4))
+                    lo, hi = b.and_(w, _bytes(15)), b.lshr(w, _bytes(4))
                     if high:
                         h = load64(hb, b.add(hbase, b.add(b.mul(sb, i64(GROUP * 32)), i64(64 * c))))
                         for n in (0, 1):
-                            top = b.shl(b.and_(b.lshr(h, bytes_(2 * k + n)), bytes_(1)), bytes_(4))
+                            top = b.shl(b.and_(b.lshr(h, _bytes(2 * k + n)), _bytes(1)), _bytes(4))
                             lo, hi = (b.or_(lo, top), hi) if n == 0 else (lo, b.or_(hi, top))
                     a_lo = _splat4(gen, xq, b.add(abase, i64(64 * k + 4 * c)))
                     a_hi = _splat4(gen, xq, b.add(abase, i64(64 * k + 32 + 4 * c)))
@@ -323,8 +325,8 @@ def _codegen_qk(high: bool):
                     xsum = b.add(*halves)  # the sub-block's 32 from two sums of 16
                     imn = b.add(imn, b.mul(lanes(mn, at), gen.splat(xsum, VI)))
             doff = b.add(dbase, b.mul(sb, i64(GROUP)))
-            dwv = _halves_to_float(gen, b.load(b.bitcast(b.gep(d, [doff]), v16), align=1))
-            dmv = _halves_to_float(gen, b.load(b.bitcast(b.gep(dm, [doff]), v16), align=1))
+            dwv = _load_halves(gen, d, doff)
+            dmv = _load_halves(gen, dm, doff)
             dx = gen.splat(gen.load((xd, None), None, b.add(b.mul(t, xdw), j)))
             v = gen.fma(b.sitofp(isc, VF), b.fmul(dx, dwv), b.load(acc))
             v = gen.fma(b.sitofp(imn, VF), b.fneg(b.fmul(dx, dmv)), v)
@@ -356,12 +358,6 @@ def _codegen_q6k(context, builder, sig, args):
     sbase, dbase = b.mul(g16, scw), b.mul(g16, dw)
     acc = cgutils.alloca_once_value(b, ZERO)
 
-    def bytes_(v: int):
-        return ir.Constant(V64B, [v] * 64)
-
-    izero = ir.Constant(VI, [0] * 16)
-    vb16 = ir.VectorType(I8, 16).as_pointer()
-    v16 = ir.VectorType(I16, 16).as_pointer()
     with cgutils.for_range(b, b.sub(b1, b0)) as loop:
         j = loop.index
         sb = b.add(b0, j)
@@ -370,19 +366,19 @@ def _codegen_q6k(context, builder, sig, args):
         abase = b.add(b.mul(t, xw), b.mul(j, i64(256)))
         sc_base = b.add(sbase, b.mul(sb, i64(GROUP * 16)))
         xs_base = b.add(b.mul(t, xsw), b.mul(j, i64(16)))
-        isc, ioff = izero, izero
+        isc, ioff = IZERO, IZERO
         for k in range(4):
-            parts = [izero] * 4  # groups of 16: low sub-block's two, then the high one's
+            parts = [IZERO] * 4  # groups of 16: low sub-block's two, then the high one's
             shift = 4 * (k % 2)
             for c in range(8):
                 wptr = b.gep(q, [b.add(wbase, i64(512 * k + 64 * c))])
                 w = b.load(b.bitcast(wptr, V64B.as_pointer()), align=1)
                 hptr = b.gep(hb, [b.add(hbase_s, i64(512 * (k // 2) + 64 * c))])
                 h = b.load(b.bitcast(hptr, V64B.as_pointer()), align=1)
-                top_lo = b.shl(b.and_(b.lshr(h, bytes_(shift)), bytes_(3)), bytes_(4))
-                top_hi = b.shl(b.and_(b.lshr(h, bytes_(shift + 2)), bytes_(3)), bytes_(4))
-                lo = b.or_(b.and_(w, bytes_(15)), top_lo)
-                hi = b.or_(b.lshr(w, bytes_(4)), top_hi)
+                top_lo = b.shl(b.and_(b.lshr(h, _bytes(shift)), _bytes(3)), _bytes(4))
+                top_hi = b.shl(b.and_(b.lshr(h, _bytes(shift + 2)), _bytes(3)), _bytes(4))
+                lo = b.or_(b.and_(w, _bytes(15)), top_lo)
+                hi = b.or_(b.lshr(w, _bytes(4)), top_hi)
                 a_lo = _splat4(gen, xq, b.add(abase, i64(64 * k + 4 * c)))
                 a_hi = _splat4(gen, xq, b.add(abase, i64(64 * k + 32 + 4 * c)))
                 half = c // 4
@@ -390,16 +386,14 @@ def _codegen_q6k(context, builder, sig, args):
                 parts[2 + half] = _dot4(gen, parts[2 + half], hi, a_hi, False)
             for n, part in enumerate(parts):
                 grp = 4 * k + n
-                scv = b.sext(
-                    b.load(b.bitcast(b.gep(sc, [b.add(sc_base, i64(GROUP * grp))]), vb16), align=1),
-                    VI,
-                )
+                scp = b.bitcast(b.gep(sc, [b.add(sc_base, i64(GROUP * grp))]), VB16P)
+                scv = b.sext(b.load(scp, align=1), VI)
                 isc = b.add(isc, b.mul(part, scv))
                 xsum = gen.load((xs, None), None, b.add(xs_base, i64(grp)))
                 ioff = b.add(ioff, b.mul(scv, gen.splat(xsum, VI)))
         isum = b.sub(isc, b.mul(ioff, ir.Constant(VI, [32] * 16)))
         doff = b.add(dbase, b.mul(sb, i64(GROUP)))
-        dwv = _halves_to_float(gen, b.load(b.bitcast(b.gep(d, [doff]), v16), align=1))
+        dwv = _load_halves(gen, d, doff)
         dx = gen.splat(gen.load((xd, None), None, b.add(b.mul(t, xdw), j)))
         b.store(gen.fma(b.sitofp(isum, VF), b.fmul(dx, dwv), b.load(acc)), acc)
     b.store(b.load(acc), b.bitcast(out, VF.as_pointer()), align=4)

@@ -27,17 +27,16 @@ def prompts(model) -> list[list[int]]:
     return text_prompts(model, 64)
 
 
+def agreement(model, llm) -> tuple[list[float], list[float]]:
+    return llamacpp.teacher_forced(model, llm, prompts(model), CONTINUATION)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_agrees_with_llamacpp(files, kind):
     _, paths = files
     model = mer.load_model(paths[kind])
     llm = llamacpp.load(paths[kind], n_ctx=256)
-    tops, kls = [], []
-    for ids in prompts(model):
-        seq = ids + llamacpp.greedy(llm, ids, CONTINUATION)
-        top1, kl = llamacpp.agreement(model.logits(seq), llamacpp.logits(llm, seq))
-        tops.append(top1)
-        kls.append(kl)
+    tops, kls = agreement(model, llm)
     print(
         f"tiny Mixtral {kind} vs llama.cpp: top-1 {np.mean(tops):.4f}, mean KL {np.mean(kls):.5f}"
     )
@@ -47,16 +46,6 @@ def test_agrees_with_llamacpp(files, kind):
     # to a few hundredths; typical prompts sit near 1e-4, so the median is held tight.
     assert np.median(kls) <= 0.002, [round(k, 4) for k in kls]
     assert np.mean(kls) <= 0.02, [round(k, 4) for k in kls]
-
-
-def agreement(model, llm) -> tuple[list[float], list[float]]:
-    tops, kls = [], []
-    for ids in prompts(model):
-        seq = ids + llamacpp.greedy(llm, ids, CONTINUATION)
-        top1, kl = llamacpp.agreement(model.logits(seq), llamacpp.logits(llm, seq))
-        tops.append(top1)
-        kls.append(kl)
-    return tops, kls
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_k_m", "q5_k_m"])

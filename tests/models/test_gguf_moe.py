@@ -34,12 +34,7 @@ def test_agrees_with_llamacpp(gguf_moe, arch, kind):
     model = mer.load_model(paths[kind])
     assert model.args.arch == arch
     llm = llamacpp.load(paths[kind], n_ctx=256)
-    tops, kls = [], []
-    for ids in prompts(model):
-        seq = ids + llamacpp.greedy(llm, ids, CONTINUATION)
-        top1, kl = llamacpp.agreement(model.logits(seq), llamacpp.logits(llm, seq))
-        tops.append(top1)
-        kls.append(kl)
+    tops, kls = llamacpp.teacher_forced(model, llm, prompts(model), CONTINUATION)
     print(f"tiny {arch} {kind} vs llama.cpp: top-1 {np.mean(tops):.4f}, mean KL {np.mean(kls):.5f}")
     assert np.mean(tops) >= 0.97
     assert np.median(kls) <= MEDIAN_KL.get(arch, 0.002), [round(k, 4) for k in kls]

@@ -140,3 +140,15 @@ def agreement(mer_logits: np.ndarray, ref_logits: np.ndarray) -> tuple[float, fl
     lp, lq = log_softmax(mer_logits), log_softmax(ref_logits)
     kl = float(np.mean((np.exp(lp) * (lp - lq)).sum(-1)))
     return top1, kl
+
+
+def teacher_forced(model, llm: llama_cpp.Llama, prompts, n_new: int) -> tuple[list, list]:
+    """(top-1 agreement, mean KL) of mer `model` against `llm` per prompt, over each prompt
+    followed by llama.cpp's own `n_new` greedy tokens."""
+    tops, kls = [], []
+    for ids in prompts:
+        seq = ids + greedy(llm, ids, n_new)
+        top1, kl = agreement(model.logits(seq), logits(llm, seq))
+        tops.append(top1)
+        kls.append(kl)
+    return tops, kls
