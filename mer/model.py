@@ -187,7 +187,7 @@ def load_model(
     coalesce: read experts that follow each other on disk with one request;
     streamer_factory(source, args): what streams the experts instead of an in-process
     `ExpertStreamer` (the service's engine: `mer.cache.remote`).
-    activations: "q8" runs Q4_0, Q8_0, Q4_1, MXFP4, Q4_K, Q5_K and Q6_K weights against
+    activations: "q8" runs quantized weights (every GGUF block type mer reads) against
     activations quantized to 8 bits, with integer dot products as llama.cpp computes them
     (several times faster); "f32" against float activations (within float rounding of the
     dequantized weights, as transformers computes them). None: a store's own (as `mer

@@ -95,7 +95,7 @@ def parse_size(given: str) -> int:
 
 
 ACTIVATIONS_HELP = (
-    "q8: Q4_0/Q8_0/Q4_1/MXFP4/Q4_K/Q5_K/Q6_K weights against activations quantized to 8 "
+    "q8: quantized weights (every GGUF block type) against activations quantized to 8 "
     "bits, integer dot products as llama.cpp computes them (several times faster); f32: "
     "float activations (within float rounding of the dequantized weights, as transformers "
     "computes them). Default: a store's own, else q8"

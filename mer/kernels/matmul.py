@@ -29,9 +29,9 @@ _KINDS: dict[str, ModuleType] = {
     for m in (mm_f32, mm_half.F16, mm_half.BF16, mm_q8_0, mm_q4_0, *mm_gguf.KINDS, mm_gguf.MXFP4)
     + mm_x16.KINDS
 }
-# With 8-bit activations, the block types mm_x16 has integer kernels for (Q4_0, Q8_0, Q4_1,
-# MXFP4, Q4_K, Q5_K, Q6_K) are packed row-interleaved for them when their rows come in whole
-# groups of 16; the other kinds keep float activations.
+# With 8-bit activations, the block types mm_x16 has integer kernels for (every quantized one:
+# Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, MXFP4, Q4_K, Q5_K, Q6_K) are packed row-interleaved for them
+# when their rows come in whole groups of 16; float kinds keep float activations.
 _INTEGER = {m.base.KIND: m.KIND for m in mm_x16.KINDS}
 _PLAIN = {v: k for k, v in _INTEGER.items()}
 ACTIVATIONS = ("f32", "q8")
@@ -308,7 +308,7 @@ def _check_mode(mode: str) -> str:
 def activations() -> str:
     """The activations mode packing follows here: the innermost `packing` block's, else
     "f32". "f32": float activations, within float rounding of the dequantized weights. "q8":
-    Q4_0, Q8_0, Q4_1, MXFP4, Q4_K, Q5_K and Q6_K matrices are packed for activations
+    quantized matrices (every GGUF block type) are packed for activations
     quantized to 8 bits per token and integer dot products, as llama.cpp's CPU backend
     computes them (several times faster)."""
     return _packing.get()

@@ -22,7 +22,12 @@
 #   "q4_1x16": q4_0x16's planes plus m uint16 [N, B] (the mins, flat as d).
 #   "mxfp4x16": q as q4_0x16 (each nibble indexes ggml's doubled E2M1 values, looked up by
 #              a byte shuffle, plus 12 so that they go in unsigned), e uint8 [N, B] (the E8M0
-#              exponents, flat as d). All exactly GGUF-sized; the K-quants further down.
+#              exponents, flat as d).
+#   "q5_0x16": q4_0x16's planes plus qh uint8 [N, 4B], flat per group [B, 16, 4]: byte
+#              (b, l, i) holds the fifth bits of block b of row 16g+l, bit c that of weight
+#              4c+i, bit 4 + c that of weight 16+4c+i.
+#   "q5_1x16": q4_1x16's planes plus qh as q5_0x16's.
+# All exactly GGUF-sized; the K-quants further down.
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -148,6 +153,7 @@ class _Layout(NamedTuple):
     q4: bool  # nibbles (else signed bytes)
     mins: bool  # a min per block (Q4_1: W = d * q + m)
     table: bool = False  # MXFP4: nibbles index a table; E8M0 scales
+    high: bool = False  # Q5_0/Q5_1: a last plane of fifth bits
 
 
 # MXFP4's nibbles (doubled E2M1 values, mm_sb_ir) plus 12, so that they go in unsigned
@@ -156,7 +162,7 @@ MXFP4_UNSIGNED = [v + 12 for v in MXFP4_VALUES]
 
 def _layout_of(planes) -> _Layout | None:
     """The layout a numba plane-tuple type holds (module docstring), None if none."""
-    if not isinstance(planes, types.BaseTuple) or len(planes) not in (2, 3):
+    if not isinstance(planes, types.BaseTuple) or len(planes) not in (2, 3, 4):
         return None
     dtypes = tuple(str(p.dtype) for p in planes)
     return {
@@ -164,6 +170,8 @@ def _layout_of(planes) -> _Layout | None:
         ("int8", "uint16"): _Layout(False, False),
         ("uint8", "uint16", "uint16"): _Layout(True, True),
         ("uint8", "uint8"): _Layout(True, False, True),
+        ("uint8", "uint16", "uint8"): _Layout(True, False, high=True),
+        ("uint8", "uint16", "uint16", "uint8"): _Layout(True, True, high=True),
     }.get(dtypes)
 
 
@@ -201,9 +209,12 @@ def _codegen(lay: _Layout):
     chunks = 4 if lay.q4 else 8  # 4-byte chunks per block per row
     block_bytes = GROUP * 4 * chunks
     # the correction each block's integer sum needs: Q4_0's nibbles are read unsigned
-    # (- 8 * sum(a)); Q8_0 on VNNI is read offset by 128; Q4_1's nibbles are its q; MXFP4's
-    # table values are offset by 12
-    offset = (0 if lay.mins else 12 if lay.table else 8) if lay.q4 else 128 if PATH == "vnni" else 0
+    # (- 8 * sum(a)), Q5_0's 5-bit values too (- 16 * sum(a)); Q8_0 on VNNI is read offset by
+    # 128; Q4_1's and Q5_1's values are their q; MXFP4's table values are offset by 12
+    if lay.q4:
+        offset = 0 if lay.mins else 12 if lay.table else 16 if lay.high else 8
+    else:
+        offset = 128 if PATH == "vnni" else 0
 
     def codegen(context, builder, sig, args):
         gen, b = Gen(context, builder), builder
@@ -215,6 +226,9 @@ def _codegen(lay: _Layout):
         t, b0, b1, g = gen.ints(sig.args[5:9], args[5:9])
         qbase = b.mul(b.mul(g, i64(GROUP)), qw)
         dbase = b.mul(b.mul(g, i64(GROUP)), dw)
+        if lay.high:
+            hb, hw = p[-1]
+            hbase = b.mul(b.mul(g, i64(GROUP)), hw)
         xrow, xdrow = b.mul(t, xw), b.mul(t, xdw)
         acc = cgutils.alloca_once_value(b, ZERO)
         low, four = _bytes(15), _bytes(4)
@@ -222,6 +236,9 @@ def _codegen(lay: _Layout):
             j = loop.index  # block b0 + j; activations are indexed from b0
             wbase = b.add(qbase, b.mul(b.add(b0, j), i64(block_bytes)))
             abase = b.add(xrow, b.mul(j, i64(32)))
+            if lay.high:  # the block's fifth bits: one byte per row and i
+                hptr = b.gep(hb, [b.add(hbase, b.mul(b.add(b0, j), i64(GROUP * 4)))])
+                h = b.load(b.bitcast(hptr, V64B.as_pointer()), align=1)
             s0, s1 = IZERO, IZERO
             for c in range(chunks):
                 wptr = b.gep(q, [b.add(wbase, i64(64 * c))])
@@ -231,6 +248,10 @@ def _codegen(lay: _Layout):
                     lo, hi = b.and_(w, low), b.lshr(w, four)
                     if lay.table:
                         lo, hi = _lut(gen, lo), _lut(gen, hi)
+                    if lay.high:
+                        for n in (0, 1):
+                            top = b.shl(b.and_(b.lshr(h, _bytes(4 * n + c)), _bytes(1)), four)
+                            lo, hi = (b.or_(lo, top), hi) if n == 0 else (lo, b.or_(hi, top))
                     s0 = _dot4(gen, s0, lo, a, False)
                     a_hi = _splat4(gen, xq, b.add(abase, i64(16 + 4 * c)))
                     s1 = _dot4(gen, s1, hi, a_hi, False)
@@ -442,11 +463,12 @@ class _Interleaved:
 
     BLOCK = 32
 
-    def __init__(self, base, q4: bool, mins: bool, e8m0: bool = False) -> None:
-        self.base, self.q4, self.mins, self.e8m0 = base, q4, mins, e8m0
+    def __init__(self, base, q4: bool, mins: bool, e8m0: bool = False, high: bool = False):
+        self.base, self.q4, self.mins, self.e8m0, self.high = base, q4, mins, e8m0, high
         self.KIND = base.KIND + "x16"
         self.BLOCK_BYTES = base.BLOCK_BYTES
-        self.header = 1 if e8m0 else 4 if mins else 2  # bytes of scales ahead of the quants
+        self.scales = 1 if e8m0 else 4 if mins else 2  # bytes of scales ahead of the quants
+        self.header = self.scales + 4 * high  # Q5_0/Q5_1: then a u32 of fifth bits
         self.chunks = 4 if q4 else 8
 
     def from_raw(self, raw: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, ...]:
@@ -462,18 +484,31 @@ class _Interleaved:
         if self.e8m0:
             e = np.ascontiguousarray(blk[..., 0].transpose(0, 2, 1)).reshape(rows, B)
             return q, e
-        halves = np.ascontiguousarray(blk[..., :h]).view(np.uint16)  # [G, 16, B, h / 2]
+        halves = np.ascontiguousarray(blk[..., : self.scales]).view(np.uint16)  # [G, 16, B, .]
         scales = [
             np.ascontiguousarray(halves[..., k].transpose(0, 2, 1)).reshape(rows, B)
-            for k in range(h // 2)
+            for k in range(self.scales // 2)
         ]
-        return (q, *scales)
+        if not self.high:
+            return (q, *scales)
+        # bit j of the u32 is weight j's fifth bit: regroup as (i, half, c) bits, one byte per i
+        bits = np.unpackbits(blk[..., self.scales : h], axis=-1, bitorder="little")
+        bits = bits.reshape(G, GROUP, B, 2, 4, 4).transpose(0, 1, 2, 5, 3, 4)
+        qh = np.packbits(bits.reshape(G, GROUP, B, 4, 8), axis=-1, bitorder="little")[..., 0]
+        return (q, *scales, np.ascontiguousarray(qh.transpose(0, 2, 1, 3)).reshape(rows, -1))
 
     def to_raw(self, planes: tuple[np.ndarray, ...], rows: int, cols: int) -> np.ndarray:
         """The inverse of from_raw: GGUF bytes [rows * blocks * block bytes]."""
         q, *scales = planes
         B, G, c, h = cols // 32, rows // GROUP, self.chunks, self.header
         raw = np.empty((G, GROUP, B, self.BLOCK_BYTES), np.uint8)
+        if self.high:
+            *scales, qh = scales
+            qh = qh.reshape(G, B, GROUP, 4, 1).transpose(0, 2, 1, 3, 4)  # [G, 16, B, i, 1]
+            bits = np.unpackbits(qh, axis=-1, bitorder="little").reshape(G, GROUP, B, 4, 2, 4)
+            bits = np.ascontiguousarray(bits.transpose(0, 1, 2, 4, 5, 3))
+            words = bits.reshape(G, GROUP, B, 32)
+            raw[..., self.scales : h] = np.packbits(words, axis=-1, bitorder="little")
         size = 1 if self.e8m0 else 2
         for k, sc in enumerate(scales):
             sg = np.ascontiguousarray(sc.reshape(G, B, GROUP).transpose(0, 2, 1))
@@ -652,7 +687,9 @@ Q4_0X16 = _Interleaved(mm_q4_0, True, False)
 Q8_0X16 = _Interleaved(mm_q8_0, False, False)
 Q4_1X16 = _Interleaved(mm_gguf.Q4_1, True, True)
 MXFP4X16 = _Interleaved(mm_gguf.MXFP4, True, False, e8m0=True)
+Q5_0X16 = _Interleaved(mm_gguf.Q5_0, True, False, high=True)
+Q5_1X16 = _Interleaved(mm_gguf.Q5_1, True, True, high=True)
 Q4_KX16 = _InterleavedK(mm_gguf.Q4_K, False)
 Q5_KX16 = _InterleavedK(mm_gguf.Q5_K, True)
 Q6_KX16 = _InterleavedQ6K()
-KINDS = (Q4_0X16, Q8_0X16, Q4_1X16, MXFP4X16, Q4_KX16, Q5_KX16, Q6_KX16)
+KINDS = (Q4_0X16, Q8_0X16, Q4_1X16, Q5_0X16, Q5_1X16, MXFP4X16, Q4_KX16, Q5_KX16, Q6_KX16)

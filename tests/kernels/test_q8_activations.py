@@ -22,6 +22,8 @@ KINDS = {
     "q4_0": mm_x16.Q4_0X16,
     "q8_0": mm_x16.Q8_0X16,
     "q4_1": mm_x16.Q4_1X16,
+    "q5_0": mm_x16.Q5_0X16,
+    "q5_1": mm_x16.Q5_1X16,
     "mxfp4": mm_x16.MXFP4X16,
     "q4_k": mm_x16.Q4_KX16,
     "q5_k": mm_x16.Q5_KX16,
@@ -47,10 +49,20 @@ def q4_1_blocks(w: np.ndarray) -> np.ndarray:
     return raw
 
 
+RANDOM = {  # block types drawn as random bytes: (block bytes, offsets of f16 fields)
+    "q4_k": (144, (0, 2)),
+    "q5_k": (176, (0, 2)),
+    "q6_k": (210, (208,)),
+    "q5_0": (22, (0,)),
+    "q5_1": (24, (0, 2)),
+}
+
+
 def k_blocks(kind: str, rows: int, cols: int, rng) -> np.ndarray:
-    """Random Q4_K, Q5_K or Q6_K bytes [N, S, block bytes] with moderate finite f16 fields."""
-    size, halves_at = {"q4_k": (144, (0, 2)), "q5_k": (176, (0, 2)), "q6_k": (210, (208,))}[kind]
-    raw = rng.integers(0, 256, size=(rows, cols // 256, size), dtype=np.uint8)
+    """Random Q4_K, Q5_K, Q6_K, Q5_0 or Q5_1 bytes [N, B, block bytes] with moderate finite f16
+    fields."""
+    size, halves_at = RANDOM[kind]
+    raw = rng.integers(0, 256, size=(rows, cols // BLOCK.get(kind, 32), size), dtype=np.uint8)
     for off in halves_at:
         halves = (rng.standard_normal(raw.shape[:2]) * 0.01).astype(np.float16)
         raw[..., off : off + 2] = halves[..., None].view(np.uint8)
@@ -60,7 +72,7 @@ def k_blocks(kind: str, rows: int, cols: int, rng) -> np.ndarray:
 def blocks(kind: str, w: np.ndarray) -> np.ndarray:
     """GGUF bytes [N, B, block bytes] of w (K-quants: random blocks of w's shape); Q8_0
     weights include -128 as a file may."""
-    if kind in ("q4_k", "q5_k", "q6_k"):
+    if kind in RANDOM:
         return k_blocks(kind, *w.shape, np.random.default_rng(int(abs(w[0, 0]) * 1e6)))
     if kind == "q4_1":
         return q4_1_blocks(w)
@@ -78,14 +90,15 @@ def blocks(kind: str, w: np.ndarray) -> np.ndarray:
 
 def reference(kind: str, raw: np.ndarray, x: np.ndarray) -> np.ndarray:
     """float64 [n, N]: ggml's arithmetic per block, summed exactly: f16(d_w) f16(d_x) isum
-    (+ f16(m_w) * Q8_1's f16(s_x) for Q4_1), with the activations quantized by act_q8."""
+    (+ f16(m_w) * Q8_1's f16(s_x) for Q4_1 and Q5_1), with the activations quantized by
+    act_q8."""
     if kind in ("q4_k", "q5_k"):
         return reference_q4_k(raw, x)
     if kind == "q6_k":
         return reference_q6_k(raw, x)
     n_rows, nb = raw.shape[:2]
     xq, xd, _, xm = act_q8.quantize(x, 0, 32 * nb)
-    h = {"q4_1": 4, "mxfp4": 1}.get(kind, 2)
+    h = {"q4_1": 4, "mxfp4": 1, "q5_0": 6, "q5_1": 8}.get(kind, 2)
     if kind == "mxfp4":  # 2^(e - 128): the table's values are doubled
         d = 2.0 ** (raw[..., 0].astype(np.float64) - 128)
     else:
@@ -95,11 +108,15 @@ def reference(kind: str, raw: np.ndarray, x: np.ndarray) -> np.ndarray:
     else:
         qs = raw[..., h:]
         q = np.concatenate([qs & 15, qs >> 4], -1).astype(np.int64) - (8 if kind == "q4_0" else 0)
+        if kind in ("q5_0", "q5_1"):  # bit j of the u32 before the nibbles: weight j's fifth
+            qh = raw[..., h - 4 : h].copy().view(np.uint32).astype(np.int64)  # [N, B, 1]
+            q = q | (((qh >> np.arange(32)) & 1) << 4)
+            q = q - (16 if kind == "q5_0" else 0)
         if kind == "mxfp4":
             q = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12])[q]
     isum = np.einsum("rbj,tbj->trb", q, xq.reshape(len(x), nb, 32).astype(np.int64))
     out = isum * d[None] * xd[:, None, :].astype(np.float64)
-    if kind == "q4_1":
+    if kind in ("q4_1", "q5_1"):
         m = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
         out = out + m[None] * xm[:, None, :].astype(np.float64)
     return out.sum(-1)
@@ -213,7 +230,9 @@ def test_dot_products_equal_ggml(kind):
     n_rows, k = 32, BLOCK.get(kind, 32) * 19
     raw = blocks(kind, rng.standard_normal((n_rows, k)).astype(np.float32))
     x = activations_rng(rng, 1, k)
-    pair = {"q4_1": ("q8_1", 36)}.get(kind, ("q8_K", 292) if "_k" in kind else ("q8_0", 34))
+    pair = {"q4_1": ("q8_1", 36), "q5_1": ("q8_1", 36)}.get(
+        kind, ("q8_K", 292) if "_k" in kind else ("q8_0", 34)
+    )
     y = ggml_blocks(lib, f"quantize_row_{pair[0]}", x, pair[1], BLOCK.get(kind, 32))
     dot = getattr(lib, f"ggml_vec_dot_{kind.replace('_k', '_K')}_{pair[0]}")
     want = np.zeros(n_rows, np.float32)
