@@ -30,6 +30,7 @@ from mer.compute.board import (
     stripe_rows,
 )
 from mer.compute.weights import WeightTable
+from mer.kernels import grouped
 from mer.kernels.matmul import PackedWeight, matmul, run_kernel
 from mer.kernels.swiglu import activate, add_down_bias, run_expert
 from mer.models.weights import ExpertWeights
@@ -45,6 +46,21 @@ class LocalExecutor:
 
     def expert(self, expert: ExpertWeights, x: np.ndarray, ref: tuple[int, int, int]) -> np.ndarray:
         return run_expert(expert, x)
+
+    def experts(self, experts: list[ExpertWeights], x, starts, ends, refs) -> np.ndarray:
+        """The outputs [R, D] of experts[i] for their tokens, rows starts[i]..ends[i] of x
+        [R, D]: in one call where the kinds allow (mer.kernels.grouped), bit-identical to
+        one by one."""
+        if grouped.applies(experts):
+            return grouped.run_grouped(experts, x, starts, ends)
+        return _one_by_one(self, experts, x, starts, ends, refs)
+
+
+def _one_by_one(executor, experts, x, starts, ends, refs) -> np.ndarray:
+    y = np.empty_like(x)
+    for e, a, b, ref in zip(experts, starts, ends, refs, strict=True):
+        y[a:b] = executor.expert(e, x[a:b], ref)
+    return y
 
 
 def compute_stripe(board: Board, table: WeightTable, job: Job, s: int) -> None:
@@ -149,6 +165,10 @@ class BoardExecutor:
                     for i, job in zip(big, jobs, strict=True):
                         out[i] = self.board.floats(job.out_at, (job.n, job.rows)).copy()
         return out  # type: ignore[return-value]
+
+    def experts(self, experts: list[ExpertWeights], x, starts, ends, refs) -> np.ndarray:
+        """As LocalExecutor.experts, each expert placed on its own."""
+        return _one_by_one(self, experts, x, starts, ends, refs)
 
     def expert(self, expert: ExpertWeights, x: np.ndarray, ref: tuple[int, int, int]) -> np.ndarray:
         layer, e, slot = ref

@@ -72,6 +72,11 @@ class PackedWeight:
         """Column granularity: 32 for q8_0/q4_0, 1 for float kinds."""
         return _KINDS[self.kind].BLOCK
 
+    @functools.cached_property
+    def addresses(self) -> tuple[int, ...]:
+        """Each plane's data address (mer.kernels.grouped views planes in place by them)."""
+        return tuple(p.ctypes.data for p in self.planes)
+
 
 def _kind(kind: str) -> ModuleType:
     if kind not in _KINDS:
@@ -243,17 +248,34 @@ def run_kernel(
     kernel = _KINDS[w.kind]
     n = x.shape[0]
     work = (r1 - r0) * (c1 - c0) * n
-    # Below ~2^18 multiply-adds a parallel launch costs more than it saves.
-    if _threads == 1 or work < _PAR_MIN_WORK:
+    if not parallel_worth(work):
         kernel.run(w.planes, x, out, r0, r1, c0, c1, xoff, ooff, 1, _per_token)
         return
     key = (w.kind, r1 - r0, c1 - c0, n.bit_length())
-    nt = _policy.choose(key)
-    if nt > 1 and numba.get_num_threads() != nt:
-        numba.set_num_threads(nt)  # numba's setting is per calling thread
+    nt = choose_threads(key)
     start = time.perf_counter()
     kernel.run(w.planes, x, out, r0, r1, c0, c1, xoff, ooff, nt, _per_token)
     _policy.record(key, nt, work, time.perf_counter() - start)
+
+
+def parallel_worth(work: int) -> bool:
+    """Whether a kernel call of `work` multiply-adds may go parallel: below ~2^18 a launch
+    costs more than it saves."""
+    return _threads > 1 and work >= _PAR_MIN_WORK
+
+
+def choose_threads(key: tuple) -> int:
+    """The threads the policy gives the next call of the kind of work `key` (numba's count
+    set to match: its setting is per calling thread); record the call's time with
+    `record_call`."""
+    nt = _policy.choose(key)
+    if nt > 1 and numba.get_num_threads() != nt:
+        numba.set_num_threads(nt)
+    return nt
+
+
+def record_call(key: tuple, nt: int, work: int, seconds: float) -> None:
+    _policy.record(key, nt, work, seconds)
 
 
 def matmul(

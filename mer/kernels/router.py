@@ -166,3 +166,13 @@ def route_reference(
     if normalize:
         top = top / top.sum(-1, keepdims=True)
     return idx, (top * scale).astype(np.float32)
+
+
+@njit(cache=True, nogil=True)
+def combine(out, tok, w, y):
+    """out[tok[r]] += w[r] * y[r] for r in order (float32: each token's experts summed in the
+    order of their rows)."""
+    for r in range(len(tok)):
+        t, wr = tok[r], w[r]
+        for j in range(y.shape[1]):
+            out[t, j] += wr * y[r, j]

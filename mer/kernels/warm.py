@@ -16,12 +16,13 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from mer.kernels import grouped
 from mer.kernels.attention import attention
 from mer.kernels.matmul import _KINDS, PackedWeight, batch_invariant, get_num_threads
 from mer.kernels.mm_f32 import SMALL_N
 from mer.kernels.rmsnorm import rmsnorm
 from mer.kernels.rope import apply_rope, rope_tables
-from mer.kernels.router import route
+from mer.kernels.router import combine, route
 from mer.kernels.swiglu import _silu_mul, activate
 from mer.models.args import ModelArgs
 from mer.models.weights import ExpertWeights, ModelWeights
@@ -66,6 +67,19 @@ def warm_up(
             for nt in threads:
                 rows = min(w.rows, 2 * nt)
                 kernel.run(w.planes, x, out, 0, rows, 0, w.cols, 0, 0, nt, batch_invariant())
+    if not matrices_only:  # resident experts run together (mer.kernels.grouped)
+        kinds: set[tuple] = set()
+        for layer in weights.layers:
+            for i, e in enumerate(layer.experts):
+                e = layer.expert(i, e) if isinstance(e, ExpertWeights) else None
+                key = e and (_signature(e.gate), _signature(e.down), e.bias is None, e.limit)
+                if e is None or key in kinds or not grouped.applies([e]):
+                    continue
+                kinds.add(key)
+                for n in (1, _BATCH):
+                    x = np.zeros((n, e.gate.cols), np.float32)
+                    for nt in threads:
+                        grouped.run_grouped([e], x, [0], [n], threads=nt)
     for n in (1, _BATCH):
         _silu_mul(np.zeros((n, 4), np.float32), np.zeros((n, 4), np.float32))
         if args.expert_bias:  # gpt-oss's biased, clamped SwiGLU
@@ -81,7 +95,9 @@ def warm_up(
             rmsnorm(h, layer.attn_norm, args.norm_eps)
             rmsnorm(h, layer.ffn_norm, args.norm_eps)
         if args.is_moe:
-            route(np.zeros((n, args.n_experts), np.float32), args.n_experts_per_tok)
+            chosen, w = route(np.zeros((n, args.n_experts), np.float32), args.n_experts_per_tok)
+            tok = np.arange(chosen.size) // chosen.shape[1]  # as the layers sort their pairs
+            combine(h.copy(), tok, w.ravel(), h[tok])
         rmsnorm(h, weights.norm, args.norm_eps)
         cos, sin = rope_tables(np.ones(args.head_dim // 2, np.float32), np.arange(n))
         if args.mla:  # one cached latent + rotary key: the values are a view of the keys

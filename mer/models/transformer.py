@@ -15,7 +15,7 @@ from mer.errors import MerError
 from mer.kernels.attention import attention
 from mer.kernels.rmsnorm import rmsnorm
 from mer.kernels.rope import apply_rope, inv_frequencies, rope_tables
-from mer.kernels.router import route
+from mer.kernels.router import combine, route
 from mer.models.args import ModelArgs
 from mer.models.weights import SHARED, ExpertWeights, LayerWeights, MLAWeights, ModelWeights
 
@@ -283,34 +283,49 @@ class Transformer:
                 group_score=a.group_score,
                 scale=a.routed_scale,
             )
-        ids = np.unique(chosen).tolist()
+        # the (token, expert) pairs by expert, tokens ascending in each: expert e's tokens are
+        # rows a..b of x (span[e])
+        flat = chosen.ravel()
+        order = np.argsort(flat, kind="stable")
+        tok = order // chosen.shape[1]
+        found, first, count = np.unique(flat[order], return_index=True, return_counts=True)
+        ids = found.tolist()
+        ends = first + count
+        span = dict(zip(ids, zip(first.tolist(), ends.tolist(), strict=True), strict=True))
         if self.routing_observer is not None and layer.router is not None:
             self.routing_observer(index, chosen, h)
-        outputs: dict[int, np.ndarray] = {}
+        x = h[tok]
 
-        def compute(e: int, expert: ExpertWeights, slot: int = -1) -> None:
-            rows, _ = np.nonzero(chosen == e)  # each token picks an expert at most once
-            x = np.ascontiguousarray(h[rows])
-            outputs[e] = self.executor.expert(layer.expert(e, expert), x, (index, e, slot))
+        def checked(e: int, y: np.ndarray) -> None:
             if layer.router is not None:
-                _check(check, outputs[e], f"expert {e} of layer {index}", "experts")
+                _check(check, y, f"expert {e} of layer {index}", "experts")
 
-        if self.streamer is None:
-            for e in ids:
-                compute(e, layer.experts[e])
+        if self.streamer is None:  # every expert resident: all of them in one call
+            experts = [layer.expert(e, layer.experts[e]) for e in ids]
+            refs = [(index, e, -1) for e in ids]
+            y = self.executor.experts(experts, x, first, ends, refs)
+            if check:
+                for e in ids:
+                    checked(e, y[span[e][0] : span[e][1]])
         else:
+            y = np.empty_like(x)
+
+            def compute(e: int, expert: ExpertWeights, slot: int = -1) -> None:
+                a, b = span[e]
+                part = self.executor.expert(layer.expert(e, expert), x[a:b], (index, e, slot))
+                checked(e, part)
+                y[a:b] = part
+
             layers = self.weights.layers
             following = layers[index + 1].router if index + 1 < len(layers) else None
             self.streamer.observe(index, ids, h.shape[0])
             self.streamer.run(index, ids, compute, self.streamer.predict_next(index, h, following))
         if layer.router is None:
-            return outputs[0]
-        # Outputs are summed in expert order whatever order they were computed in, so the
-        # result does not depend on which experts were resident.
+            return y
+        # Each token's outputs are summed in expert order whatever order they were computed
+        # in, so the result does not depend on which experts were resident.
         out = np.zeros_like(h)
-        for e in ids:
-            rows, slots = np.nonzero(chosen == e)
-            out[rows] += weights[rows, slots][:, None] * outputs[e]
+        combine(out, tok, weights.ravel()[order], y)
         return out if shared is None else out + shared
 
 

@@ -1,0 +1,168 @@
+# Dimensions: E = experts in the call, T = tokens of all of them together, D = model width,
+# I = an expert's intermediate width, U = units of work (an item's group of 16 rows).
+#
+# Many products of one mixture-of-experts layer in one kernel call, for the row-interleaved
+# integer kinds (mm_x16): the tokens routed to each expert are laid one after another, their
+# activations quantized once (gate and up share them; down's are every expert's SwiGLU
+# outputs, quantized together), and one parallel call runs every expert's gate and up rows,
+# another every expert's down rows. Per expert and product the separate calls cost a numba
+# dispatch, a thread launch and an activation quantization each: on a Qwen3-shaped layer
+# (8 experts of 768 x 2048 per token) that overhead is as large as the weights' own reading.
+#
+# Each token's row is computed by the same _dot16 as mm_x16's own calls with the same
+# quantized activations (quantization is per token), so the outputs are bit-identical to
+# running the experts one by one, and a token's row does not depend on its batch.
+#
+# The experts' weights are separate arrays (a layer's GGUF tensor repacked, or cache slots):
+# the kernel takes the first one's planes as the template of their types and every item's
+# plane addresses, and views each item's planes in place (_rebase).
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from numba import njit, prange
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import act_q8
+from . import matmul as mm
+from .mm_x16 import GROUP, _dot16
+from .swiglu import activate, add_down_bias
+
+
+@intrinsic
+def _rebase(typingctx, planes, addrs, i):
+    """The plane tuple `planes` with each array's data at addrs[i, k] instead (same shapes
+    and strides), owning nothing."""
+    sig = planes(planes, addrs, i)
+
+    def codegen(context, builder, sig, args):
+        tup, arr, idx = args
+        a = context.make_array(sig.args[1])(context, builder, arr)
+        width = cgutils.unpack_tuple(builder, a.shape)[1]
+        row = builder.mul(context.cast(builder, idx, sig.args[2], sig.args[1].dtype), width)
+        out = tup
+        for k, ty in enumerate(sig.args[0]):
+            plane = context.make_array(ty)(context, builder, builder.extract_value(tup, k))
+            at = builder.load(builder.gep(a.data, [builder.add(row, row.type(k))]))
+            plane.data = builder.inttoptr(at, plane.data.type)
+            plane.meminfo = cgutils.get_null_value(plane.meminfo.type)
+            plane.parent = cgutils.get_null_value(plane.parent.type)
+            out = builder.insert_value(out, plane._getvalue(), k)
+        return out
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True)
+def _units(planes, addrs, xq, xd, xs, xm, tok0, tok1, col0, item, group, out, b0, b1, u0, u1):
+    tmp = np.empty(GROUP, np.float32)
+    for u in range(u0, u1):
+        i, g = item[u], group[u]
+        p = _rebase(planes, addrs, i)
+        c = col0[i] + GROUP * g
+        for t in range(tok0[i], tok1[i]):  # the group's weights stay in L1/L2 for each token
+            _dot16(p, xq, xd, xs, xm, t, b0, b1, g, tmp)
+            for r in range(GROUP):
+                out[t, c + r] = tmp[r]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _units_par(planes, addrs, xq, xd, xs, xm, tok0, tok1, col0, item, group, out, b0, b1, nt):
+    n = len(item)
+    for c in prange(nt):
+        u0, u1 = n * c // nt, n * (c + 1) // nt
+        _units(planes, addrs, xq, xd, xs, xm, tok0, tok1, col0, item, group, out, b0, b1, u0, u1)
+
+
+def _run(weights: list[mm.PackedWeight], q: tuple, tok0, tok1, col0, out, threads=None) -> None:
+    """out[tok0[i]:tok1[i], col0[i]:+rows_i] = activations q (quantized, of every token)
+    against weights[i], for weights of one kind and width; on `threads` if given, else as
+    the thread policy says."""
+    w0 = weights[0]
+    addrs = np.array([w.addresses for w in weights], np.int64)
+    groups = np.array([w.rows // GROUP for w in weights], np.int64)
+    item = np.repeat(np.arange(len(weights), dtype=np.int64), groups)
+    group = np.arange(len(item), dtype=np.int64) - np.repeat(np.cumsum(groups) - groups, groups)
+    xq, xd, xs, xm = q
+    work = w0.cols * int((groups * GROUP * (tok1 - tok0)).sum())
+    key = ("grouped", w0.kind, w0.cols, len(item).bit_length(), len(xq).bit_length())
+    args = (w0.planes, addrs, xq, xd, xs, xm, tok0, tok1, col0, item, group, out, 0)
+    b1 = w0.cols // w0.block_size
+    if threads is not None:
+        if threads == 1:
+            _units(*args, b1, 0, len(item))
+        else:
+            _units_par(*args, b1, threads)
+        return
+    if not mm.parallel_worth(work):
+        _units(*args, b1, 0, len(item))
+        return
+    nt = mm.choose_threads(key)
+    start = time.perf_counter()
+    if nt == 1:
+        _units(*args, b1, 0, len(item))
+    else:
+        _units_par(*args, b1, nt)
+    mm.record_call(key, nt, work, time.perf_counter() - start)
+
+
+def _quantize(kind: str, x: np.ndarray) -> tuple:
+    if mm._kind(kind).BLOCK == 256:  # K-quants: Q8_K
+        xq, xd, xs = act_q8.quantize_k(x, 0, x.shape[1])
+        return xq, xd, xs, xd
+    return act_q8.quantize(x, 0, x.shape[1])
+
+
+def applies(experts: list) -> bool:
+    """Whether run_experts can take these experts together: integer kinds, gate and up of
+    one kind, every expert of the first one's kinds and shapes."""
+    if not experts:
+        return False
+    f = experts[0]
+    kinds = (f.gate.kind, f.up.kind, f.down.kind)
+    if kinds[0] not in mm._PLAIN or kinds[1] != kinds[0] or kinds[2] not in mm._PLAIN:
+        return False
+    shape = (f.gate.rows, f.gate.cols, f.up.rows, f.down.rows, f.down.cols)
+    return all(
+        (e.gate.kind, e.up.kind, e.down.kind) == kinds
+        and (e.gate.rows, e.gate.cols, e.up.rows, e.down.rows, e.down.cols) == shape
+        for e in experts
+    )
+
+
+def run_experts(experts: list, xs: list[np.ndarray]) -> list[np.ndarray]:
+    """Each expert's whole output float32 [n_i, D] for its tokens xs[i] float32 [n_i, D]
+    (ExpertWeights, biases and clamp included), bit-identical to swiglu.run_expert of each;
+    the experts must be ones `applies` takes."""
+    ends = np.cumsum([len(x) for x in xs], dtype=np.int64)
+    starts = ends - np.array([len(x) for x in xs], np.int64)
+    y = run_grouped(experts, np.concatenate(xs), starts, ends)
+    return [y[a:b] for a, b in zip(starts, ends, strict=True)]
+
+
+def run_grouped(experts: list, x: np.ndarray, starts, ends, threads=None) -> np.ndarray:
+    """The outputs float32 [R, D] of experts[i] for their tokens, rows starts[i]..ends[i] of
+    x float32 [R, D] C-contiguous, as run_experts (`threads`: as _run)."""
+    f = experts[0]
+    inter, dim = f.gate.rows, f.gate.cols
+    starts, ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
+    # one call for every gate and up: columns 0.. of gu the gates, inter.. the ups
+    gu = np.empty((len(x), 2 * inter), np.float32)
+    pairs = [w for e in experts for w in (e.gate, e.up)]
+    col0 = np.tile(np.array([0, inter], np.int64), len(experts))
+    _run(pairs, _quantize(f.gate.kind, x), starts.repeat(2), ends.repeat(2), col0, gu, threads)
+    g, u = gu[:, :inter], gu[:, inter:]
+    if f.bias is None and not f.limit:
+        activate(f, g, u, 0)
+    else:
+        for e, a, b in zip(experts, starts, ends, strict=True):
+            activate(e, g[a:b], u[a:b], 0)
+    y = np.empty((len(x), dim), np.float32)
+    q = _quantize(f.down.kind, np.ascontiguousarray(g))
+    _run([e.down for e in experts], q, starts, ends, np.zeros(len(experts), np.int64), y, threads)
+    if f.bias is not None:
+        for e, a, b in zip(experts, starts, ends, strict=True):
+            add_down_bias(e, y[a:b])
+    return y
