@@ -1,13 +1,15 @@
 # Dimensions: E = experts in the call, T = tokens of all of them together, D = model width,
 # I = an expert's intermediate width, U = units of work (an item's group of 16 rows).
 #
-# Many products of one mixture-of-experts layer in one kernel call, for the row-interleaved
-# integer kinds (mm_x16): the tokens routed to each expert are laid one after another, their
-# activations quantized once (gate and up share them; down's are every expert's SwiGLU
-# outputs, quantized together), and one parallel call runs every expert's gate and up rows,
-# another every expert's down rows. Per expert and product the separate calls cost a numba
-# dispatch, a thread launch and an activation quantization each: on a Qwen3-shaped layer
-# (8 experts of 768 x 2048 per token) that overhead is as large as the weights' own reading.
+# Many products of one layer in one kernel call, for the row-interleaved integer kinds
+# (mm_x16). A layer's products of one input (query, key, value) share its quantization and
+# one call (run_products). In a mixture-of-experts layer (run_experts) the tokens routed to
+# each expert are laid one after another, their activations quantized once (gate and up
+# share them; down's are every expert's SwiGLU outputs, quantized together), and one
+# parallel call runs every expert's gate and up rows, another every expert's down rows. Per
+# expert and product, separate calls cost a numba dispatch, a thread launch and an
+# activation quantization each: on a Qwen3-shaped layer (8 experts of 768 x 2048 per token)
+# that overhead is as large as the weights' own reading.
 #
 # Each token's row is computed by the same _dot16 as mm_x16's own calls with the same
 # quantized activations (quantization is per token), so the outputs are bit-identical to
@@ -166,3 +168,30 @@ def run_grouped(experts: list, x: np.ndarray, starts, ends, threads=None) -> np.
         for e, a, b in zip(experts, starts, ends, strict=True):
             add_down_bias(e, y[a:b])
     return y
+
+
+def fusable(pairs: list[tuple[mm.PackedWeight, np.ndarray]]) -> bool:
+    """Whether run_products can take these (weight, x) products together: more than one,
+    every x the same array, the weights of one integer kind and width."""
+    if len(pairs) < 2:
+        return False
+    w0, x0 = pairs[0]
+    return w0.kind in mm._PLAIN and all(
+        x is x0 and w.kind == w0.kind and w.cols == w0.cols for w, x in pairs
+    )
+
+
+def run_products(pairs: list[tuple[mm.PackedWeight, np.ndarray]], threads=None) -> list:
+    """x @ W.T of each pair ones `fusable` takes (a layer's query, key and value products,
+    say), the activations quantized once and every product in one call; bit-identical to
+    matmul of each (`threads`: as _run)."""
+    weights = [w for w, _ in pairs]
+    x = pairs[0][1]
+    mm._check_x(x, weights[0].cols, "products")
+    rows = np.array([w.rows for w in weights], np.int64)
+    col0 = np.cumsum(rows) - rows
+    out = np.empty((len(x), int(rows.sum())), np.float32)
+    n = len(weights)
+    tok0, tok1 = np.zeros(n, np.int64), np.full(n, len(x), np.int64)
+    _run(weights, _quantize(weights[0].kind, x), tok0, tok1, col0, out, threads)
+    return [np.ascontiguousarray(out[:, a : a + r]) for a, r in zip(col0, rows, strict=True)]

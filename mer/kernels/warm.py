@@ -67,6 +67,9 @@ def warm_up(
             for nt in threads:
                 rows = min(w.rows, 2 * nt)
                 kernel.run(w.planes, x, out, 0, rows, 0, w.cols, 0, 0, nt, batch_invariant())
+                if grouped.fusable([(w, x)] * 2):  # products of one input run together
+                    head = PackedWeight(w.kind, 16, w.cols, tuple(p[:16] for p in w.planes))
+                    grouped.run_products([(head, x)] * 2, threads=nt)
     if not matrices_only:  # resident experts run together (mer.kernels.grouped)
         kinds: set[tuple] = set()
         for layer in weights.layers:

@@ -81,3 +81,18 @@ def test_which_experts_go_together():
     assert not grouped.applies([q4[0], *experts(1, ("q8_0", "q4_0"), rng)])  # another kind
     mixed = ExpertWeights(q4[0].gate, packed("q8_0", INTER, DIM, rng), q4[0].down)
     assert not grouped.applies([mixed])  # gate and up of two kinds
+
+
+def test_products_of_one_input_together():
+    rng = np.random.default_rng(7)
+    x = activations_rng(rng, 3, DIM)
+    ws = [packed("q4_k", rows, DIM, rng) for rows in (64, 16, 16)]  # query, key, value
+    pairs = [(w, x) for w in ws]
+    assert grouped.fusable(pairs)
+    for got, w in zip(grouped.run_products(pairs), ws, strict=True):
+        assert got.flags.c_contiguous
+        np.testing.assert_array_equal(got, mm.matmul(w, x))
+    assert not grouped.fusable(pairs[:1])
+    assert not grouped.fusable([(ws[0], x), (ws[1], x.copy())])  # two inputs
+    assert not grouped.fusable([(ws[0], x), (packed("q8_0", 16, DIM, rng), x)])
+    assert not grouped.fusable([(packed("q4_0", 16, DIM, rng, "f32"), x)] * 2)
