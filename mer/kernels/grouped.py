@@ -171,27 +171,38 @@ def run_grouped(experts: list, x: np.ndarray, starts, ends, threads=None) -> np.
 
 
 def fusable(pairs: list[tuple[mm.PackedWeight, np.ndarray]]) -> bool:
-    """Whether run_products can take these (weight, x) products together: more than one,
-    every x the same array, the weights of one integer kind and width."""
+    """Whether run_products can take these (weight, x) products together: more than one, the
+    weights of one integer kind and width, and either every x the same array or every
+    weight of the same height (DeepSeek's per-head products, say)."""
     if len(pairs) < 2:
         return False
     w0, x0 = pairs[0]
-    return w0.kind in mm._PLAIN and all(
-        x is x0 and w.kind == w0.kind and w.cols == w0.cols for w, x in pairs
-    )
+    if w0.kind not in mm._PLAIN or any(w.kind != w0.kind or w.cols != w0.cols for w, _ in pairs):
+        return False
+    return all(x is x0 for _, x in pairs) or all(w.rows == w0.rows for w, _ in pairs)
 
 
 def run_products(pairs: list[tuple[mm.PackedWeight, np.ndarray]], threads=None) -> list:
-    """x @ W.T of each pair ones `fusable` takes (a layer's query, key and value products,
-    say), the activations quantized once and every product in one call; bit-identical to
-    matmul of each (`threads`: as _run)."""
+    """x @ W.T of each pair ones `fusable` takes, the activations quantized once and every
+    product in one call; bit-identical to matmul of each (`threads`: as _run). One input
+    (a layer's query, key and value products): its tokens against every weight, side by
+    side in the output's columns. Several: each input's tokens, laid one after another,
+    against its own weight."""
     weights = [w for w, _ in pairs]
-    x = pairs[0][1]
-    mm._check_x(x, weights[0].cols, "products")
-    rows = np.array([w.rows for w in weights], np.int64)
-    col0 = np.cumsum(rows) - rows
-    out = np.empty((len(x), int(rows.sum())), np.float32)
+    for w, x in pairs:
+        mm._check_x(x, w.cols, "products")
     n = len(weights)
-    tok0, tok1 = np.zeros(n, np.int64), np.full(n, len(x), np.int64)
-    _run(weights, _quantize(weights[0].kind, x), tok0, tok1, col0, out, threads)
-    return [np.ascontiguousarray(out[:, a : a + r]) for a, r in zip(col0, rows, strict=True)]
+    x = pairs[0][1]
+    if all(p[1] is x for p in pairs):
+        rows = np.array([w.rows for w in weights], np.int64)
+        col0 = np.cumsum(rows) - rows
+        out = np.empty((len(x), int(rows.sum())), np.float32)
+        tok0, tok1 = np.zeros(n, np.int64), np.full(n, len(x), np.int64)
+        _run(weights, _quantize(weights[0].kind, x), tok0, tok1, col0, out, threads)
+        return [np.ascontiguousarray(out[:, a : a + r]) for a, r in zip(col0, rows, strict=True)]
+    tok1 = np.cumsum([len(p[1]) for p in pairs], dtype=np.int64)
+    tok0 = tok1 - np.array([len(p[1]) for p in pairs], np.int64)
+    xs = np.concatenate([p[1] for p in pairs])
+    out = np.empty((len(xs), weights[0].rows), np.float32)
+    _run(weights, _quantize(weights[0].kind, xs), tok0, tok1, np.zeros(n, np.int64), out, threads)
+    return [out[a:b] for a, b in zip(tok0, tok1, strict=True)]

@@ -93,6 +93,13 @@ def test_products_of_one_input_together():
         assert got.flags.c_contiguous
         np.testing.assert_array_equal(got, mm.matmul(w, x))
     assert not grouped.fusable(pairs[:1])
-    assert not grouped.fusable([(ws[0], x), (ws[1], x.copy())])  # two inputs
+    assert not grouped.fusable([(ws[0], x), (ws[1], x.copy())])  # two inputs, two heights
+    # one weight per input (DeepSeek's per-head products): each input's own rows
+    heads = [packed("q4_k", 32, DIM, rng) for _ in range(4)]
+    inputs = [activations_rng(rng, n, DIM) for n in (2, 1, 3, 2)]
+    pairs = list(zip(heads, inputs, strict=True))
+    assert grouped.fusable(pairs)
+    for got, (w, x1) in zip(grouped.run_products(pairs), pairs, strict=True):
+        np.testing.assert_array_equal(got, mm.matmul(w, x1))
     assert not grouped.fusable([(ws[0], x), (packed("q8_0", 16, DIM, rng), x)])
     assert not grouped.fusable([(packed("q4_0", 16, DIM, rng, "f32"), x)] * 2)
