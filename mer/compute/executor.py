@@ -42,7 +42,7 @@ class LocalExecutor:
     """Every product in this process."""
 
     def products(self, pairs: list[tuple[PackedWeight, np.ndarray]]) -> list[np.ndarray]:
-        if grouped.fusable(pairs):  # one input, one integer kind: one call
+        if grouped.fusable(pairs):  # one integer kind and width: one call
             return grouped.run_products(pairs)
         return [matmul(w, x) for w, x in pairs]
 

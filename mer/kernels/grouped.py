@@ -58,55 +58,56 @@ def _rebase(typingctx, planes, addrs, i):
 
 
 @njit(cache=True, nogil=True)
-def _units(planes, addrs, xq, xd, xs, xm, tok0, tok1, col0, item, group, out, b0, b1, u0, u1):
+def _units(planes, addrs, xq, xd, xs, xm, tok0, tok1, col0, first, out, b1, u0, u1):
+    # units u0..u1: item i's groups are units first[i].., items in order
     tmp = np.empty(GROUP, np.float32)
+    i = 0
     for u in range(u0, u1):
-        i, g = item[u], group[u]
+        while i + 1 < len(first) and u >= first[i + 1]:
+            i += 1
+        g = u - first[i]
         p = _rebase(planes, addrs, i)
         c = col0[i] + GROUP * g
         for t in range(tok0[i], tok1[i]):  # the group's weights stay in L1/L2 for each token
-            _dot16(p, xq, xd, xs, xm, t, b0, b1, g, tmp)
+            _dot16(p, xq, xd, xs, xm, t, 0, b1, g, tmp)
             for r in range(GROUP):
                 out[t, c + r] = tmp[r]
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _units_par(planes, addrs, xq, xd, xs, xm, tok0, tok1, col0, item, group, out, b0, b1, nt):
-    n = len(item)
+def _units_par(planes, addrs, xq, xd, xs, xm, tok0, tok1, col0, first, out, b1, units, nt):
     for c in prange(nt):
-        u0, u1 = n * c // nt, n * (c + 1) // nt
-        _units(planes, addrs, xq, xd, xs, xm, tok0, tok1, col0, item, group, out, b0, b1, u0, u1)
+        u0, u1 = units * c // nt, units * (c + 1) // nt
+        _units(planes, addrs, xq, xd, xs, xm, tok0, tok1, col0, first, out, b1, u0, u1)
 
 
-def _run(weights: list[mm.PackedWeight], q: tuple, tok0, tok1, col0, out, threads=None) -> None:
+def _run(weights: list, q: tuple, tok0, tok1, col0, out, work: int, threads=None) -> None:
     """out[tok0[i]:tok1[i], col0[i]:+rows_i] = activations q (quantized, of every token)
-    against weights[i], for weights of one kind and width; on `threads` if given, else as
-    the thread policy says."""
+    against weights[i], for weights of one kind and width; `work`: the multiply-adds; on
+    `threads` if given, else as the thread policy says."""
     w0 = weights[0]
     addrs = np.array([w.addresses for w in weights], np.int64)
-    groups = np.array([w.rows // GROUP for w in weights], np.int64)
-    item = np.repeat(np.arange(len(weights), dtype=np.int64), groups)
-    group = np.arange(len(item), dtype=np.int64) - np.repeat(np.cumsum(groups) - groups, groups)
+    groups = [w.rows // GROUP for w in weights]
+    units = sum(groups)
+    first = np.cumsum([0, *groups[:-1]])
     xq, xd, xs, xm = q
-    work = w0.cols * int((groups * GROUP * (tok1 - tok0)).sum())
-    key = ("grouped", w0.kind, w0.cols, len(item).bit_length(), len(xq).bit_length())
-    args = (w0.planes, addrs, xq, xd, xs, xm, tok0, tok1, col0, item, group, out, 0)
     b1 = w0.cols // w0.block_size
+    args = (w0.planes, addrs, xq, xd, xs, xm, tok0, tok1, col0, first, out, b1)
+    if threads is None and not mm.parallel_worth(work):
+        threads = 1
     if threads is not None:
         if threads == 1:
-            _units(*args, b1, 0, len(item))
+            _units(*args, 0, units)
         else:
-            _units_par(*args, b1, threads)
+            _units_par(*args, units, threads)
         return
-    if not mm.parallel_worth(work):
-        _units(*args, b1, 0, len(item))
-        return
+    key = ("grouped", w0.kind, w0.cols, units.bit_length(), len(xq).bit_length())
     nt = mm.choose_threads(key)
     start = time.perf_counter()
     if nt == 1:
-        _units(*args, b1, 0, len(item))
+        _units(*args, 0, units)
     else:
-        _units_par(*args, b1, nt)
+        _units_par(*args, units, nt)
     mm.record_call(key, nt, work, time.perf_counter() - start)
 
 
@@ -118,9 +119,10 @@ def _quantize(kind: str, x: np.ndarray) -> tuple:
 
 
 def applies(experts: list) -> bool:
-    """Whether run_experts can take these experts together: integer kinds, gate and up of
-    one kind, every expert of the first one's kinds and shapes."""
-    if not experts:
+    """Whether run_experts can take these experts together: more than one (one expert's
+    separate calls cost no more), integer kinds, gate and up of one kind, every expert of
+    the first one's kinds and shapes."""
+    if len(experts) < 2:
         return False
     f = experts[0]
     kinds = (f.gate.kind, f.up.kind, f.down.kind)
@@ -153,8 +155,10 @@ def run_grouped(experts: list, x: np.ndarray, starts, ends, threads=None) -> np.
     # one call for every gate and up: columns 0.. of gu the gates, inter.. the ups
     gu = np.empty((len(x), 2 * inter), np.float32)
     pairs = [w for e in experts for w in (e.gate, e.up)]
-    col0 = np.tile(np.array([0, inter], np.int64), len(experts))
-    _run(pairs, _quantize(f.gate.kind, x), starts.repeat(2), ends.repeat(2), col0, gu, threads)
+    col0 = np.array([0, inter] * len(experts), np.int64)
+    work = 2 * inter * dim * len(x)  # each token: its expert's gate and up
+    q = _quantize(f.gate.kind, x)
+    _run(pairs, q, starts.repeat(2), ends.repeat(2), col0, gu, work, threads)
     g, u = gu[:, :inter], gu[:, inter:]
     if f.bias is None and not f.limit:
         activate(f, g, u, 0)
@@ -163,18 +167,25 @@ def run_grouped(experts: list, x: np.ndarray, starts, ends, threads=None) -> np.
             activate(e, g[a:b], u[a:b], 0)
     y = np.empty((len(x), dim), np.float32)
     q = _quantize(f.down.kind, np.ascontiguousarray(g))
-    _run([e.down for e in experts], q, starts, ends, np.zeros(len(experts), np.int64), y, threads)
+    col0 = np.zeros(len(experts), np.int64)
+    _run([e.down for e in experts], q, starts, ends, col0, y, inter * dim * len(x), threads)
     if f.bias is not None:
         for e, a, b in zip(experts, starts, ends, strict=True):
             add_down_bias(e, y[a:b])
     return y
 
 
+# Fewer products than this run as separate calls: a grouped call's own bookkeeping costs about
+# what two or three separate calls' dispatch and quantization cost (SmolLM2's query, key and
+# value products measure no faster together).
+FUSE_MIN = 4
+
+
 def fusable(pairs: list[tuple[mm.PackedWeight, np.ndarray]]) -> bool:
-    """Whether run_products can take these (weight, x) products together: more than one, the
+    """Whether run_products can take these (weight, x) products together: FUSE_MIN or more, the
     weights of one integer kind and width, and either every x the same array or every
     weight of the same height (DeepSeek's per-head products, say)."""
-    if len(pairs) < 2:
+    if len(pairs) < FUSE_MIN:
         return False
     w0, x0 = pairs[0]
     if w0.kind not in mm._PLAIN or any(w.kind != w0.kind or w.cols != w0.cols for w, _ in pairs):
@@ -198,11 +209,13 @@ def run_products(pairs: list[tuple[mm.PackedWeight, np.ndarray]], threads=None) 
         col0 = np.cumsum(rows) - rows
         out = np.empty((len(x), int(rows.sum())), np.float32)
         tok0, tok1 = np.zeros(n, np.int64), np.full(n, len(x), np.int64)
-        _run(weights, _quantize(weights[0].kind, x), tok0, tok1, col0, out, threads)
+        work = weights[0].cols * out.size
+        _run(weights, _quantize(weights[0].kind, x), tok0, tok1, col0, out, work, threads)
         return [np.ascontiguousarray(out[:, a : a + r]) for a, r in zip(col0, rows, strict=True)]
     tok1 = np.cumsum([len(p[1]) for p in pairs], dtype=np.int64)
     tok0 = tok1 - np.array([len(p[1]) for p in pairs], np.int64)
     xs = np.concatenate([p[1] for p in pairs])
     out = np.empty((len(xs), weights[0].rows), np.float32)
-    _run(weights, _quantize(weights[0].kind, xs), tok0, tok1, np.zeros(n, np.int64), out, threads)
+    q, col0 = _quantize(weights[0].kind, xs), np.zeros(n, np.int64)
+    _run(weights, q, tok0, tok1, col0, out, weights[0].cols * out.size, threads)
     return [out[a:b] for a, b in zip(tok0, tok1, strict=True)]

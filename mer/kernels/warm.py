@@ -67,16 +67,16 @@ def warm_up(
             for nt in threads:
                 rows = min(w.rows, 2 * nt)
                 kernel.run(w.planes, x, out, 0, rows, 0, w.cols, 0, 0, nt, batch_invariant())
-                if grouped.fusable([(w, x)] * 2):  # products of one input run together
+                if grouped.fusable([(w, x)] * grouped.FUSE_MIN):  # products run together
                     head = PackedWeight(w.kind, 16, w.cols, tuple(p[:16] for p in w.planes))
-                    grouped.run_products([(head, x)] * 2, threads=nt)
+                    grouped.run_products([(head, x)] * grouped.FUSE_MIN, threads=nt)
     if not matrices_only:  # resident experts run together (mer.kernels.grouped)
         kinds: set[tuple] = set()
         for layer in weights.layers:
             for i, e in enumerate(layer.experts):
                 e = layer.expert(i, e) if isinstance(e, ExpertWeights) else None
                 key = e and (_signature(e.gate), _signature(e.down), e.bias is None, e.limit)
-                if e is None or key in kinds or not grouped.applies([e]):
+                if e is None or key in kinds or not grouped.applies([e, e]):
                     continue
                 kinds.add(key)
                 for n in (1, _BATCH):

@@ -76,24 +76,24 @@ def test_bit_identical_to_one_by_one(kinds, biased):
 def test_which_experts_go_together():
     rng = np.random.default_rng(6)
     q4 = experts(2, ("q4_0", "q4_0"), rng)
-    assert not grouped.applies([])
+    assert not grouped.applies([]) and not grouped.applies(q4[:1])  # too few to gain
     assert not grouped.applies(experts(2, ("q4_0", "q4_0"), rng, mode="f32"))  # float kernels
     assert not grouped.applies([q4[0], *experts(1, ("q8_0", "q4_0"), rng)])  # another kind
     mixed = ExpertWeights(q4[0].gate, packed("q8_0", INTER, DIM, rng), q4[0].down)
-    assert not grouped.applies([mixed])  # gate and up of two kinds
+    assert not grouped.applies([mixed, mixed])  # gate and up of two kinds
 
 
 def test_products_of_one_input_together():
     rng = np.random.default_rng(7)
     x = activations_rng(rng, 3, DIM)
-    ws = [packed("q4_k", rows, DIM, rng) for rows in (64, 16, 16)]  # query, key, value
+    ws = [packed("q4_k", rows, DIM, rng) for rows in (64, 16, 16, 32)]  # query, key, value...
     pairs = [(w, x) for w in ws]
     assert grouped.fusable(pairs)
     for got, w in zip(grouped.run_products(pairs), ws, strict=True):
         assert got.flags.c_contiguous
         np.testing.assert_array_equal(got, mm.matmul(w, x))
-    assert not grouped.fusable(pairs[:1])
-    assert not grouped.fusable([(ws[0], x), (ws[1], x.copy())])  # two inputs, two heights
+    assert not grouped.fusable(pairs[:3])  # too few to gain
+    assert not grouped.fusable([*pairs[:3], (ws[3], x.copy())])  # two inputs, two heights
     # one weight per input (DeepSeek's per-head products): each input's own rows
     heads = [packed("q4_k", 32, DIM, rng) for _ in range(4)]
     inputs = [activations_rng(rng, n, DIM) for n in (2, 1, 3, 2)]
@@ -101,5 +101,5 @@ def test_products_of_one_input_together():
     assert grouped.fusable(pairs)
     for got, (w, x1) in zip(grouped.run_products(pairs), pairs, strict=True):
         np.testing.assert_array_equal(got, mm.matmul(w, x1))
-    assert not grouped.fusable([(ws[0], x), (packed("q8_0", 16, DIM, rng), x)])
-    assert not grouped.fusable([(packed("q4_0", 16, DIM, rng, "f32"), x)] * 2)
+    assert not grouped.fusable([*pairs[:3], (packed("q8_0", 16, DIM, rng), x)])
+    assert not grouped.fusable([(packed("q4_0", 16, DIM, rng, "f32"), x)] * 4)
