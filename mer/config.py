@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mer.errors import MerError
+from mer.kernels import ACTIVATIONS
 
 
 class ConfigError(MerError):
@@ -179,9 +180,9 @@ class ServeConfig:
             "must be at least 1",
         )
         need(
-            self.engine.activations in (None, "f32", "q8"),
+            self.engine.activations in (None, *ACTIVATIONS),
             "engine.activations",
-            "must be f32 or q8",
+            f"must be {' or '.join(ACTIVATIONS)}",
         )
         need(
             self.compute.count is None or self.compute.count >= 0,

@@ -7,6 +7,7 @@ import argparse
 import math
 
 from mer.errors import MerError
+from mer.kernels import ACTIVATIONS
 
 EXIT_FLAG = 2
 
@@ -104,4 +105,4 @@ ACTIVATIONS_HELP = (
 
 def add_activations(p) -> None:
     """The --activations flag of the commands that load a model."""
-    p.add_argument("--activations", choices=["f32", "q8"], help=ACTIVATIONS_HELP)
+    p.add_argument("--activations", choices=ACTIVATIONS, help=ACTIVATIONS_HELP)

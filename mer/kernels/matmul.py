@@ -20,7 +20,7 @@ from types import ModuleType
 import numba
 import numpy as np
 
-from . import mm_f32, mm_gguf, mm_half, mm_q4_0, mm_q8_0, mm_x16
+from . import ACTIVATIONS, mm_f32, mm_gguf, mm_half, mm_q4_0, mm_q8_0, mm_x16
 from .quantize import quantize_blocks
 from .threads import ThreadPolicy
 
@@ -34,7 +34,6 @@ _KINDS: dict[str, ModuleType] = {
 # when their rows come in whole groups of 16; float kinds keep float activations.
 _INTEGER = {m.base.KIND: m.KIND for m in mm_x16.KINDS}
 _PLAIN = {v: k for k, v in _INTEGER.items()}
-ACTIVATIONS = ("f32", "q8")
 # How packing meets activations: what the innermost `packing` block of this thread set, else
 # "f32" (models are opened in "q8" unless told otherwise: mer.model.load_model)
 _packing: contextvars.ContextVar[str] = contextvars.ContextVar("packing", default="f32")
