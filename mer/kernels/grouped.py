@@ -2,20 +2,21 @@
 # I = an expert's intermediate width, U = units of work (an item's group of 16 rows).
 #
 # Many products of one layer in one kernel call, for the row-interleaved integer kinds
-# (mm_x16). A layer's products of one input (query, key, value) share its quantization and
-# one call (run_products). In a mixture-of-experts layer (run_experts) the tokens routed to
-# each expert are laid one after another, their activations quantized once (gate and up
-# share them; down's are every expert's SwiGLU outputs, quantized together), and one
-# parallel call runs every expert's gate and up rows, another every expert's down rows. Per
-# expert and product, separate calls cost a numba dispatch, a thread launch and an
-# activation quantization each: on a Qwen3-shaped layer (8 experts of 768 x 2048 per token)
-# that overhead is as large as the weights' own reading.
+# (mm_x16). Four or more products of one kind and width, of one input or of several inputs
+# against weights of one shape (DeepSeek's per-head products), share one activation
+# quantization and one call (run_products). In a mixture-of-experts layer (run_experts) the
+# tokens routed to each expert are laid one after another and their activations quantized
+# once (gate and up share them; down's are every expert's SwiGLU outputs, quantized
+# together); one parallel call runs every expert's gate and up rows, another every expert's
+# down rows. Per expert and product, separate calls cost a numba dispatch, a thread launch
+# and an activation quantization each: on a Qwen3-shaped layer (8 experts of 768 x 2048 per
+# token) that overhead is as large as the weights' own reading.
 #
 # Each token's row is computed by the same _dot16 as mm_x16's own calls with the same
 # quantized activations (quantization is per token), so the outputs are bit-identical to
 # running the experts one by one, and a token's row does not depend on its batch.
 #
-# The experts' weights are separate arrays (a layer's GGUF tensor repacked, or cache slots):
+# The experts' weights are separate arrays (a layer's GGUF tensor repacked, or a store's):
 # the kernel takes the first one's planes as the template of their types and every item's
 # plane addresses, and views each item's planes in place (_rebase).
 from __future__ import annotations
