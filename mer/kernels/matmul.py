@@ -76,6 +76,10 @@ class PackedWeight:
         """Each plane's data address (mer.kernels.grouped views planes in place by them)."""
         return tuple(p.ctypes.data for p in self.planes)
 
+    def __getstate__(self) -> dict:
+        # addresses belong to this process's arrays: a copy elsewhere finds its own
+        return {k: v for k, v in self.__dict__.items() if k != "addresses"}
+
 
 def _kind(kind: str) -> ModuleType:
     if kind not in _KINDS:
