@@ -28,7 +28,6 @@ from numba import njit, prange
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import act_q8
 from . import matmul as mm
 from .mm_x16 import GROUP, _dot16
 from .swiglu import activate, add_down_bias
@@ -113,10 +112,7 @@ def _run(weights: list, q: tuple, tok0, tok1, col0, out, work: int, threads=None
 
 
 def _quantize(kind: str, x: np.ndarray) -> tuple:
-    if mm._kind(kind).BLOCK == 256:  # K-quants: Q8_K
-        xq, xd, xs = act_q8.quantize_k(x, 0, x.shape[1])
-        return xq, xd, xs, xd
-    return act_q8.quantize(x, 0, x.shape[1])
+    return mm._kind(kind).quantize(x, 0, x.shape[1])
 
 
 def applies(experts: list) -> bool:

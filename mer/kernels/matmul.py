@@ -258,7 +258,7 @@ def run_kernel(
     nt = choose_threads(key)
     start = time.perf_counter()
     kernel.run(w.planes, x, out, r0, r1, c0, c1, xoff, ooff, nt, _per_token)
-    _policy.record(key, nt, work, time.perf_counter() - start)
+    record_call(key, nt, work, time.perf_counter() - start)
 
 
 def parallel_worth(work: int) -> bool:
@@ -278,6 +278,7 @@ def choose_threads(key: tuple) -> int:
 
 
 def record_call(key: tuple, nt: int, work: int, seconds: float) -> None:
+    """The time of a call of `key` on `nt` threads, for the policy's next choices."""
     _policy.record(key, nt, work, seconds)
 
 

@@ -521,11 +521,17 @@ class _Interleaved:
         raw = self.to_raw(planes, rows, cols)
         return self.base.dequantize(self.base.from_raw(raw, rows, cols), rows, cols)
 
+    @staticmethod
+    def quantize(x: np.ndarray, c0: int, c1: int) -> tuple[np.ndarray, ...]:
+        """Columns c0..c1 of x float32 [n, K] as the activations this kind's kernel takes:
+        ggml's Q8_0 (Q8_1's block sums for the kinds with mins): (xq, xd, xs, xm)."""
+        return act_q8.quantize(x, c0, c1)
+
     def run(self, planes, x, out, r0, r1, c0, c1, xoff, ooff, nt, per_token=False) -> None:
         """out[:, r0-ooff:r1-ooff] = q8(x[:, c0-xoff:c1-xoff]) . W[r0:r1, c0:c1] on nt
         threads; every token the same way whatever the batch (`per_token` is always so)."""
-        xq, xd, xs, xm = act_q8.quantize(x, c0 - xoff, c1 - xoff)
-        b0, b1 = c0 // 32, c1 // 32
+        xq, xd, xs, xm = self.quantize(x, c0 - xoff, c1 - xoff)
+        b0, b1 = c0 // self.BLOCK, c1 // self.BLOCK
         if nt == 1:
             _rows(planes, xq, xd, xs, xm, out, r0, r1, b0, b1, ooff)
         else:
@@ -597,14 +603,13 @@ class _InterleavedK:
         raw = self.to_raw(planes, rows, cols)
         return self.base.dequantize(self.base.from_raw(raw, rows, cols), rows, cols)
 
-    def run(self, planes, x, out, r0, r1, c0, c1, xoff, ooff, nt, per_token=False) -> None:
-        """As _Interleaved.run, with Q8_K activations."""
-        xq, xd, xs = act_q8.quantize_k(x, c0 - xoff, c1 - xoff)
-        b0, b1 = c0 // 256, c1 // 256
-        if nt == 1:
-            _rows(planes, xq, xd, xs, xd, out, r0, r1, b0, b1, ooff)
-        else:
-            _par(planes, xq, xd, xs, xd, out, r0, r1, b0, b1, ooff, nt)
+    @staticmethod
+    def quantize(x: np.ndarray, c0: int, c1: int) -> tuple[np.ndarray, ...]:
+        """As _Interleaved.quantize, as ggml's Q8_K: (xq, xd, xs, xd) (no mins to pair)."""
+        xq, xd, xs = act_q8.quantize_k(x, c0, c1)
+        return xq, xd, xs, xd
+
+    run = _Interleaved.run
 
 
 def _q6_values(blk: np.ndarray) -> np.ndarray:
@@ -680,7 +685,7 @@ class _InterleavedQ6K:
         raw = self.to_raw(planes, rows, cols)
         return self.base.dequantize(self.base.from_raw(raw, rows, cols), rows, cols)
 
-    run = _InterleavedK.run
+    quantize, run = staticmethod(_InterleavedK.quantize), _Interleaved.run
 
 
 Q4_0X16 = _Interleaved(mm_q4_0, True, False)
