@@ -92,6 +92,7 @@ class IoConfig:
     queue_depth: int = 16
     backend: str = "auto"
     coalesce: bool = True  # one read for experts that follow each other on disk
+    reverify: bool = False  # hash every read, not only each range's first
 
 
 @dataclass(frozen=True)

@@ -140,6 +140,7 @@ def main() -> None:
             queue_depth=cfg.io.queue_depth,
             backend=cfg.io.backend,
             coalesce=cfg.io.coalesce,
+            reverify=cfg.io.reverify,
         )
         for path in source.files
     ]

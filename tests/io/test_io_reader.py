@@ -237,6 +237,34 @@ def test_flipped_byte_fails_after_exactly_one_retry(
         assert "\n" not in msg and isinstance(err.value, MerError)
 
 
+@pytest.mark.parametrize("backend", BACKENDS[:3])
+def test_a_range_is_hashed_at_its_first_good_read(backend, disk_dir, make_file, arena) -> None:
+    """The store is immutable: a range that read back whole and matched is not hashed again
+    (reverify=True hashes every read); a reader that has not read it yet still checks it."""
+    path, data = make_file(disk_dir, 4 * MiB, seed=9)
+    good = h(data[MiB : 3 * MiB])
+    req = (MiB, 2 * MiB, arena, 0, good, "x")
+    with (
+        ExpertReader(path, backend=backend) as once,
+        ExpertReader(path, backend=backend, reverify=True) as every,
+    ):
+        for _ in range(3):
+            assert once.read_many([req])[0].ok and every.read_many([req])[0].ok
+        assert once.stats.verified == 1 and every.stats.verified == 3
+        assert once.read_into(MiB, 2 * MiB, bytearray(2 * MiB), good) == 2 * MiB
+        assert once.stats.verified == 1  # the blocking path shares what was checked
+        with open(path, "r+b") as f:  # the file changes under the readers (it must not)
+            f.seek(2 * MiB + 5)
+            f.write(bytes([data[2 * MiB + 5] ^ 1]))
+            f.flush()
+            os.fsync(f.fileno())
+        [res] = every.read_many([req], check=False)
+        assert not res.ok and "checksum mismatch" in str(res.error)
+        with ExpertReader(path, backend=backend) as fresh:
+            [res] = fresh.read_many([req], check=False)
+            assert not res.ok and "checksum mismatch" in str(res.error)
+
+
 def broken_disk(*args) -> int:
     raise OSError(errno.EIO, "Input/output error")
 
