@@ -89,7 +89,7 @@ class CacheConfig:
 @dataclass(frozen=True)
 class IoConfig:
     count: int = 1
-    queue_depth: int = 16
+    queue_depth: int = 32  # reads (of up to 8 MiB) in flight per io actor
     backend: str = "auto"
     coalesce: bool = True  # one read for experts that follow each other on disk
     reverify: bool = False  # hash every read, not only each range's first

@@ -36,7 +36,7 @@ import zmq
 from mer.cache.expert_cache import ExpertKey, Status
 from mer.cache.readahead import Candidate
 from mer.cache.slots import FREE, LOADING, READY, SlotTable
-from mer.cache.tier import CacheTier, ReadOrder
+from mer.cache.tier import MAX_READS, CacheTier, ReadOrder
 from mer.protocol import (
     Acquire,
     Body,
@@ -329,7 +329,7 @@ def main() -> None:
         n_slots,
         prefetch=cfg.cache.prefetch,
         pin_fraction=cfg.cache.pin_fraction,
-        max_reads=cfg.io.queue_depth * cfg.io.count,
+        max_reads=MAX_READS * cfg.io.count,
     )
     core = CacheCore(tier, table, cfg.io.count, actor.log)
     sock = actor.socket(zmq.ROUTER)

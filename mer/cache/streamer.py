@@ -43,7 +43,7 @@ from mer.cache.tier import CacheTier
 from mer.cache.trace import belady_hits
 from mer.errors import MerError
 from mer.io.arena import ALIGN, Arena
-from mer.io.reader import ExpertReader, ExpertReadError, ReadRequest, ReadResult
+from mer.io.reader import QUEUE_DEPTH, ExpertReader, ExpertReadError, ReadRequest, ReadResult
 from mer.models.weights import ExpertWeights
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class ExpertStreamer:
         n_experts_per_tok: int = 1,
         backend: str = "auto",
         verify: bool = True,
-        queue_depth: int = 16,
+        queue_depth: int = QUEUE_DEPTH,
         prefetch: bool = True,
         pin_fraction: float = 0.25,
         coalesce: bool = True,
@@ -87,9 +87,7 @@ class ExpertStreamer:
             self._finalizer()
             raise
         self.backend = self.readers[0].backend
-        self.tier = CacheTier(
-            source, n_slots, prefetch=prefetch, pin_fraction=pin_fraction, max_reads=queue_depth
-        )
+        self.tier = CacheTier(source, n_slots, prefetch=prefetch, pin_fraction=pin_fraction)
         self.lookahead = Lookahead(source, n_experts_per_tok)
         self.stall_s = 0.0  # time the forward pass waited for demand reads
         self._segments_left: dict[ExpertKey, int] = {}

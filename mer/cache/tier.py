@@ -65,6 +65,9 @@ class TierStats:
         return self.bytes_read / self.read_busy_s if self.read_busy_s else 0.0
 
 
+MAX_READS = 16  # expert reads in flight at most for read-ahead to be admitted (per reader)
+
+
 class CacheTier:
     """`n_slots` slots of `source`'s experts (module docstring). `max_reads`: read-ahead is
     admitted only while fewer reads than this are in flight."""
@@ -76,7 +79,7 @@ class CacheTier:
         *,
         prefetch: bool = True,
         pin_fraction: float = 0.25,
-        max_reads: int = 16,
+        max_reads: int = MAX_READS,
     ) -> None:
         self.source = source
         pin = min(int(n_slots * pin_fraction), n_slots - 1)
