@@ -103,7 +103,7 @@ class _Job:
 # Reads of 8 MiB, up to 32 in flight: a layer's demand reads (one or two Mixtral experts of
 # ~100 MB) reach the disk as a dozen or more requests at once. A virtio disk delivers more
 # with more requests in flight: 16 MiB chunks at depth 16 streamed a Mixtral-shaped model at
-# a 25% cache 15% slower (bench figures in docs/design.md).
+# a 25% cache 12-33% slower (docs/design.md, "Read sizes").
 CHUNK_BYTES = 8 << 20
 QUEUE_DEPTH = 32
 
