@@ -10,7 +10,17 @@ widest vector loads the CPU has, split across that many threads (NumPy's sum, th
 before, reached about half of what the integer kernels stream).
 
     python bench/kernels.py [--threads 1,2] [--repeat 15] [--kinds q4_0,q4_k] [--pool 512]
-        [--activations q8,f32]
+        [--activations q8,f32] [--llama MODEL.gguf[,MODEL.gguf]]
+
+The machine is shared: neighbours take memory bandwidth as well as CPU time. So each case
+runs in rounds, each a pass of the bandwidth kernel then a sweep through the copies, and
+"ratio" is the median of the rounds' ratios (a round's two halves share the moment).
+
+With --llama, llama.cpp decodes each given GGUF (a `mer synth` model: its weights are of one
+kind, the experts' kind) on the same threads, and its effective weight-streaming speed is the
+bytes a token reads (every tensor but the embedding, and the used share of the experts) times
+its tokens/s: a lower bound of its kernels' GB/s (decode also spends time outside them),
+shown beside the kind's row.
 
 Q8_0 and Q4_0 are quantized by mer, the other block types by gguf.quants where it can (the
 K-quants: random blocks with moderate scales).
@@ -19,6 +29,7 @@ K-quants: random blocks with moderate scales).
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import numba
@@ -103,19 +114,69 @@ def _make_weights(kind: str, rows: int, cols: int, pool_bytes: int) -> list[mm.P
     ]
 
 
-def time_matvec(ws: list[mm.PackedWeight], threads: int, repeat: int) -> float:
-    """Median seconds of one matvec, cycling through the copies."""
+def time_matvec(ws: list[mm.PackedWeight], threads: int, repeat: int) -> tuple[float, float]:
+    """(median seconds of one matvec, median ratio of its GB/s to the read bandwidth), in
+    `repeat` rounds of a bandwidth pass and a sweep through the copies."""
     mm.set_num_threads(threads, adaptive=False)  # every call on exactly `threads`
     x = np.random.default_rng(1).standard_normal((1, ws[0].cols), dtype=np.float32)
     out = np.empty((1, ws[0].rows), np.float32)
     for w in ws[:2]:
         mm.matmul(w, x, out)  # compile / warm up
-    times = []
-    for i in range(max(repeat, len(ws))):
+    a = np.ones(1 << 27, np.uint64)
+    _sum_chunks(a, threads)
+    times, ratios = [], []
+    for _ in range(repeat):
         t = time.perf_counter()
-        mm.matmul(ws[i % len(ws)], x, out)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+        _sum_chunks(a, threads)
+        bandwidth = a.nbytes / (time.perf_counter() - t)
+        sweep = []
+        for w in ws:
+            t = time.perf_counter()
+            mm.matmul(w, x, out)
+            sweep.append(time.perf_counter() - t)
+        sec = float(np.median(sweep))
+        times.append(sec)
+        ratios.append(ws[0].gguf_nbytes / sec / bandwidth)
+    return float(np.median(times)), float(np.median(ratios))
+
+
+def llama_gbps(path: str, threads: int, tokens: int = 32, repeat: int = 3) -> tuple[str, float]:
+    """(the experts' kind, llama.cpp's effective GB/s decoding the GGUF at `path`)."""
+    import sys
+    from pathlib import Path
+
+    import llama_cpp
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+
+    def field(key: str) -> int:
+        f = reader.fields[key]
+        return int(f.parts[f.data[0]][0])
+
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    n_exp, used = field(f"{arch}.expert_count"), field(f"{arch}.expert_used_count")
+    per_token, kind = 0.0, "?"
+    for t in reader.tensors:
+        if t.name == "token_embd.weight":
+            continue  # one row a token
+        if "_exps." in t.name:
+            per_token += t.n_bytes * used / n_exp
+            if "down" not in t.name:  # gate and up: two thirds of an expert
+                kind = t.tensor_type.name.lower()
+        else:
+            per_token += t.n_bytes
+    sys.path.insert(0, str(Path(__file__).parent))
+    from decode import PROMPT, llama_run
+
+    llm = llama_cpp.Llama(
+        model_path=path, n_ctx=256, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
+    ids = llm.tokenize(PROMPT.encode())[:64]
+    llama_run(llm, ids, 4)
+    rate = statistics.median(llama_run(llm, ids, tokens)[1] for _ in range(repeat))
+    del llm
+    return kind, per_token * rate / 1e9
 
 
 def main() -> None:
@@ -126,6 +187,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="gate,down", help="gate and/or down")
     ap.add_argument("--pool", type=int, default=512, help="MiB of distinct copies per case")
     ap.add_argument("--activations", default="q8,f32", help="q8 and/or f32")
+    ap.add_argument("--llama", default="", help="comma-separated GGUFs llama.cpp decodes")
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     kinds = args.kinds.split(",")
@@ -134,6 +196,12 @@ def main() -> None:
     bw = {t: read_bandwidth(t, max(3, args.repeat // 3)) for t in threads}
     for t in threads:
         print(f"memory read bandwidth, {t} thread(s): {bw[t]:.1f} GB/s")
+    theirs: dict[tuple[str, int], float] = {}
+    for path in filter(None, args.llama.split(",")):
+        for t in threads:
+            kind, gbs = llama_gbps(path, t)
+            theirs[(kind, t)] = gbs
+            print(f"llama.cpp on {path.rsplit('/', 1)[-1]} ({kind}), {t}T: {gbs:.1f} GB/s")
     rows = []
     for shape in shapes:
         n_out, k_in = SHAPES[shape]
@@ -144,18 +212,23 @@ def main() -> None:
                     continue  # no integer kernel for this kind: the same as f32
                 name = f"{kind} {act}"
                 for t in threads:
-                    sec = time_matvec(ws, t, args.repeat)
+                    sec, ratio = time_matvec(ws, t, args.repeat)
                     gbs = ws[0].gguf_nbytes / sec / 1e9
-                    rows.append((shape, n_out, k_in, name, t, sec * 1e3, gbs, gbs / bw[t]))
+                    peer = theirs.get((kind, t)) if act == "q8" else None
+                    rows.append((shape, n_out, k_in, name, t, sec * 1e3, gbs, ratio, peer))
                     print(
                         f"{shape} {name:9s} {t}T: {sec * 1e3:7.2f} ms {gbs:6.1f} GB/s", flush=True
                     )
                 del ws
     print()
-    print(f"{'shape':14s} {'kind':9s} {'thr':>3s} {'ms':>8s} {'GB/s':>6s} {'ratio':>6s}")
-    for shape, n_out, k_in, kind, t, ms, gbs, ratio in rows:
+    head = f"{'shape':14s} {'kind':9s} {'thr':>3s} {'ms':>8s} {'GB/s':>6s} {'ratio':>6s}"
+    print(head + (f" {'llama.cpp GB/s':>15s}" if theirs else ""))
+    for shape, n_out, k_in, kind, t, ms, gbs, ratio, peer in rows:
         label = f"{shape} {n_out}x{k_in}"
-        print(f"{label:14s} {kind:9s} {t:3d} {ms:8.2f} {gbs:6.1f} {ratio:6.2f}")
+        row = f"{label:14s} {kind:9s} {t:3d} {ms:8.2f} {gbs:6.1f} {ratio:6.2f}"
+        if theirs:
+            row += f" {peer:15.1f}" if peer else f" {'-':>15s}"
+        print(row)
 
 
 if __name__ == "__main__":
