@@ -55,19 +55,19 @@ def _sum_chunks(a, nt):
     return out
 
 
-def read_bandwidth(threads: int, repeat: int) -> float:
-    """GB/s of summing a 1 GiB uint64 array on `threads` threads (LLVM vectorizes the loop to
-    the widest loads the CPU has)."""
-    a = np.ones(1 << 27, np.uint64)
+def bandwidth_pass(a: np.ndarray, threads: int) -> float:
+    """Bytes/s of one sum of the uint64 array `a` on `threads` threads (LLVM vectorizes the
+    loop to the widest loads the CPU has)."""
     numba.set_num_threads(threads)
+    t = time.perf_counter()
     _sum_chunks(a, threads)
+    return a.nbytes / (time.perf_counter() - t)
 
-    def one_pass() -> float:
-        t = time.perf_counter()
-        _sum_chunks(a, threads)
-        return time.perf_counter() - t
 
-    return a.nbytes / np.median([one_pass() for _ in range(repeat)]) / 1e9
+def read_bandwidth(a: np.ndarray, threads: int, repeat: int) -> float:
+    """GB/s: the median of `repeat` bandwidth passes over `a` after a warm-up one."""
+    bandwidth_pass(a, threads)
+    return float(np.median([bandwidth_pass(a, threads) for _ in range(repeat)])) / 1e9
 
 
 K_QUANTS = {"q4_k": (144, (0, 2)), "q5_k": (176, (0, 2)), "q6_k": (210, (208,))}
@@ -114,21 +114,19 @@ def _make_weights(kind: str, rows: int, cols: int, pool_bytes: int) -> list[mm.P
     ]
 
 
-def time_matvec(ws: list[mm.PackedWeight], threads: int, repeat: int) -> tuple[float, float]:
+def time_matvec(
+    ws: list[mm.PackedWeight], threads: int, repeat: int, a: np.ndarray
+) -> tuple[float, float]:
     """(median seconds of one matvec, median ratio of its GB/s to the read bandwidth), in
-    `repeat` rounds of a bandwidth pass and a sweep through the copies."""
+    `repeat` rounds of a bandwidth pass over `a` and a sweep through the copies."""
     mm.set_num_threads(threads, adaptive=False)  # every call on exactly `threads`
     x = np.random.default_rng(1).standard_normal((1, ws[0].cols), dtype=np.float32)
     out = np.empty((1, ws[0].rows), np.float32)
     for w in ws[:2]:
         mm.matmul(w, x, out)  # compile / warm up
-    a = np.ones(1 << 27, np.uint64)
-    _sum_chunks(a, threads)
     times, ratios = [], []
     for _ in range(repeat):
-        t = time.perf_counter()
-        _sum_chunks(a, threads)
-        bandwidth = a.nbytes / (time.perf_counter() - t)
+        bandwidth = bandwidth_pass(a, threads)
         sweep = []
         for w in ws:
             t = time.perf_counter()
@@ -193,7 +191,8 @@ def main() -> None:
     kinds = args.kinds.split(",")
     shapes = args.shapes.split(",")
 
-    bw = {t: read_bandwidth(t, max(3, args.repeat // 3)) for t in threads}
+    a = np.ones(1 << 27, np.uint64)  # 1 GiB: the bandwidth passes' array
+    bw = {t: read_bandwidth(a, t, max(3, args.repeat // 3)) for t in threads}
     for t in threads:
         print(f"memory read bandwidth, {t} thread(s): {bw[t]:.1f} GB/s")
     theirs: dict[tuple[str, int], float] = {}
@@ -212,7 +211,7 @@ def main() -> None:
                     continue  # no integer kernel for this kind: the same as f32
                 name = f"{kind} {act}"
                 for t in threads:
-                    sec, ratio = time_matvec(ws, t, args.repeat)
+                    sec, ratio = time_matvec(ws, t, args.repeat, a)
                     gbs = ws[0].gguf_nbytes / sec / 1e9
                     peer = theirs.get((kind, t)) if act == "q8" else None
                     rows.append((shape, n_out, k_in, name, t, sec * 1e3, gbs, ratio, peer))

@@ -5,8 +5,8 @@ Kinds: q4_1, q5_0, q5_1, q4_k, q5_k, q6_k. Shapes: [14336, 4096] (a large FFN ma
 256-weight super-blocks). Each timed run reads a whole matrix; enough distinct copies are
 cycled that their total (>= --pool MiB) dwarfs the last-level cache, as in decode, where every
 matrix streams from DRAM. Throughput is GGUF bytes (rows * cols / BLOCK * BLOCK_BYTES) / time;
-"ratio" divides it by the read bandwidth measured in the same run with the same number of
-threads (NumPy sum over a 1 GiB float32 array split across that many Python threads).
+"ratio" divides it by the read bandwidth measured with the same number of threads, the
+median over rounds of a bandwidth pass then a sweep (bench/kernels.py's time_matvec).
 
     python bench/subblock.py [--threads 1,2] [--repeat 15] [--kinds q4_1,q6_k] [--pool 512]
 """
@@ -45,7 +45,8 @@ def main() -> None:
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
 
-    bw = {t: read_bandwidth(t, max(3, args.repeat // 3)) for t in threads}
+    a = np.ones(1 << 27, np.uint64)  # 1 GiB: the bandwidth passes' array
+    bw = {t: read_bandwidth(a, t, max(3, args.repeat // 3)) for t in threads}
     for t in threads:
         print(f"memory read bandwidth, {t} thread(s): {bw[t]:.1f} GB/s")
     rng = np.random.default_rng(0)
@@ -61,9 +62,9 @@ def main() -> None:
                 for _ in range(copies - 1)
             ]
             for t in threads:
-                sec = time_matvec(ws, t, args.repeat)
+                sec, ratio = time_matvec(ws, t, args.repeat, a)  # ratio: paired rounds
                 gbs = w.gguf_nbytes / sec / 1e9
-                rows.append((f"{n_out}x{k_in}", kind, t, sec * 1e3, gbs, gbs / bw[t]))
+                rows.append((f"{n_out}x{k_in}", kind, t, sec * 1e3, gbs, ratio))
                 print(
                     f"{n_out}x{k_in} {kind} {t}T: {sec * 1e3:7.3f} ms {gbs:6.1f} GB/s", flush=True
                 )

@@ -21,8 +21,6 @@
 # plane addresses, and views each item's planes in place (_rebase).
 from __future__ import annotations
 
-import time
-
 import numpy as np
 from numba import njit, prange
 from numba.core import cgutils
@@ -93,22 +91,18 @@ def _run(weights: list, q: tuple, tok0, tok1, col0, out, work: int, threads=None
     xq, xd, xs, xm = q
     b1 = w0.cols // w0.block_size
     args = (w0.planes, addrs, xq, xd, xs, xm, tok0, tok1, col0, first, out, b1)
-    if threads is None and not mm.parallel_worth(work):
-        threads = 1
-    if threads is not None:
-        if threads == 1:
+
+    def call(nt: int) -> None:
+        if nt == 1:
             _units(*args, 0, units)
         else:
-            _units_par(*args, units, threads)
-        return
-    key = ("grouped", w0.kind, w0.cols, units.bit_length(), len(xq).bit_length())
-    nt = mm.choose_threads(key)
-    start = time.perf_counter()
-    if nt == 1:
-        _units(*args, 0, units)
+            _units_par(*args, units, nt)
+
+    if threads is not None:
+        call(threads)
     else:
-        _units_par(*args, units, nt)
-    mm.record_call(key, nt, work, time.perf_counter() - start)
+        key = ("grouped", w0.kind, w0.cols, units.bit_length(), len(xq).bit_length())
+        mm.run_policed(key, work, call)
 
 
 def _quantize(kind: str, x: np.ndarray) -> tuple:

@@ -250,15 +250,11 @@ def run_kernel(
         return
     kernel = _KINDS[w.kind]
     n = x.shape[0]
-    work = (r1 - r0) * (c1 - c0) * n
-    if not parallel_worth(work):
-        kernel.run(w.planes, x, out, r0, r1, c0, c1, xoff, ooff, 1, _per_token)
-        return
-    key = (w.kind, r1 - r0, c1 - c0, n.bit_length())
-    nt = choose_threads(key)
-    start = time.perf_counter()
-    kernel.run(w.planes, x, out, r0, r1, c0, c1, xoff, ooff, nt, _per_token)
-    record_call(key, nt, work, time.perf_counter() - start)
+    run_policed(
+        (w.kind, r1 - r0, c1 - c0, n.bit_length()),
+        (r1 - r0) * (c1 - c0) * n,
+        lambda nt: kernel.run(w.planes, x, out, r0, r1, c0, c1, xoff, ooff, nt, _per_token),
+    )
 
 
 def parallel_worth(work: int) -> bool:
@@ -267,19 +263,18 @@ def parallel_worth(work: int) -> bool:
     return _threads > 1 and work >= _PAR_MIN_WORK
 
 
-def choose_threads(key: tuple) -> int:
-    """The threads the policy gives the next call of the kind of work `key` (numba's count
-    set to match: its setting is per calling thread); record the call's time with
-    `record_call`."""
+def run_policed(key: tuple, work: int, call) -> None:
+    """call(nt) on the threads the policy gives the kind of work `key` (one when `work`
+    multiply-adds are too few to go parallel), its time recorded for the next choices."""
+    if not parallel_worth(work):
+        call(1)
+        return
     nt = _policy.choose(key)
     if nt > 1 and numba.get_num_threads() != nt:
-        numba.set_num_threads(nt)
-    return nt
-
-
-def record_call(key: tuple, nt: int, work: int, seconds: float) -> None:
-    """The time of a call of `key` on `nt` threads, for the policy's next choices."""
-    _policy.record(key, nt, work, seconds)
+        numba.set_num_threads(nt)  # numba's count is per calling thread
+    start = time.perf_counter()
+    call(nt)
+    _policy.record(key, nt, work, time.perf_counter() - start)
 
 
 def matmul(
