@@ -283,6 +283,7 @@ def _codegen(lay: _Layout):
 
 
 K_PLANES = ("uint8", "uint8", "uint8", "uint16", "uint16")  # q4_kx16
+AHEAD = 8  # super-blocks: the K-quant kernels prefetch their nibbles this far ahead (16 KiB)
 K5_PLANES = ("uint8", "uint8", "uint8", "uint8", "uint16", "uint16")  # q5_kx16
 
 
@@ -322,6 +323,10 @@ def _codegen_qk(high: bool):
             abase = b.add(b.mul(t, xw), b.mul(j, i64(256)))
             sub_base = b.add(sbase, b.mul(sb, i64(GROUP * 8)))
             xs_base = b.add(b.mul(t, xsw), b.mul(j, i64(16)))
+            # the nibbles AHEAD super-blocks on: the hardware's prefetch alone left this
+            # kernel at 0.85x of its speed with them (it computes faster than memory reads)
+            for o in range(0, GROUP * 128, 64):
+                gen.prefetch(q, b.add(wbase, i64(GROUP * 128 * AHEAD + o)))
             isc, imn = IZERO, IZERO
             for k in range(4):
                 s_lo, s_hi = IZERO, IZERO
