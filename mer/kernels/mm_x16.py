@@ -283,8 +283,8 @@ def _codegen(lay: _Layout):
 
 
 K_PLANES = ("uint8", "uint8", "uint8", "uint16", "uint16")  # q4_kx16
-AHEAD = 8  # super-blocks: the K-quant kernels prefetch their nibbles this far ahead (16 KiB)
 K5_PLANES = ("uint8", "uint8", "uint8", "uint8", "uint16", "uint16")  # q5_kx16
+AHEAD = 8  # super-blocks the Q4_K/Q5_K kernel prefetches its nibbles ahead (16 KiB a group)
 
 
 def _codegen_qk(high: bool):
@@ -323,8 +323,9 @@ def _codegen_qk(high: bool):
             abase = b.add(b.mul(t, xw), b.mul(j, i64(256)))
             sub_base = b.add(sbase, b.mul(sb, i64(GROUP * 8)))
             xs_base = b.add(b.mul(t, xsw), b.mul(j, i64(16)))
-            # the nibbles AHEAD super-blocks on: the hardware's prefetch alone left this
-            # kernel at 0.85x of its speed with them (it computes faster than memory reads)
+            # the nibbles AHEAD super-blocks on: the kernel computes faster than memory
+            # delivers, and the hardware's prefetch alone kept too few of its lines in
+            # flight (1.07-1.33x with this; design.md)
             for o in range(0, GROUP * 128, 64):
                 gen.prefetch(q, b.add(wbase, i64(GROUP * 128 * AHEAD + o)))
             isc, imn = IZERO, IZERO
