@@ -70,6 +70,16 @@ def read_bandwidth(a: np.ndarray, threads: int, repeat: int) -> float:
     return float(np.median([bandwidth_pass(a, threads) for _ in range(repeat)])) / 1e9
 
 
+def bandwidth_array(threads: list[int], repeat: int) -> np.ndarray:
+    """The 1 GiB array of the bandwidth passes, after printing the read bandwidth at each
+    thread count (the ratios come from passes paired with each case's rounds)."""
+    a = np.ones(1 << 27, np.uint64)
+    for t in threads:
+        gbs = read_bandwidth(a, t, max(3, repeat // 3))
+        print(f"memory read bandwidth, {t} thread(s): {gbs:.1f} GB/s")
+    return a
+
+
 K_QUANTS = {"q4_k": (144, (0, 2)), "q5_k": (176, (0, 2)), "q6_k": (210, (208,))}
 
 
@@ -191,10 +201,7 @@ def main() -> None:
     kinds = args.kinds.split(",")
     shapes = args.shapes.split(",")
 
-    a = np.ones(1 << 27, np.uint64)  # 1 GiB: the bandwidth passes' array
-    bw = {t: read_bandwidth(a, t, max(3, args.repeat // 3)) for t in threads}
-    for t in threads:
-        print(f"memory read bandwidth, {t} thread(s): {bw[t]:.1f} GB/s")
+    a = bandwidth_array(threads, args.repeat)
     theirs: dict[tuple[str, int], float] = {}
     for path in filter(None, args.llama.split(",")):
         for t in threads:

@@ -230,16 +230,17 @@ def measure(name: str, path: str, cache: int | None, opts) -> dict:
                 # the other, the second streamed the same tokens 5-12% faster (the virtual
                 # disk's host likely keeps what the first just read), and a fixed order
                 # would pass that on to the ratio
-                got: dict[str, tuple[float, bool]] = {}
+                got: dict[str, tuple[float, float]] = {}  # way -> (tok/s, others' share)
                 for way in ("local", "serve") if n % 2 == 0 else ("serve", "local"):
                     if way == "serve":
                         before = serve.timers()
                     with Share(serve.pids) as share:
                         value = rate((serve if way == "serve" else local).stream(opts.tokens))
-                    got[way] = (value, share.others <= CLEAN)
+                    got[way] = (value, share.others)
                     if way == "serve" and share.others <= CLEAN:
                         shares.append(orchestration(before, serve.timers()))
-                (here, clean), (value, served_clean) = got["local"], got["serve"]
+                (here, others_here), (value, others) = got["local"], got["serve"]
+                clean, served_clean = others_here <= CLEAN, others <= CLEAN
                 if clean:
                     rows["in-process"].append(here)
                 if served_clean:
@@ -247,7 +248,7 @@ def measure(name: str, path: str, cache: int | None, opts) -> dict:
                     if clean:
                         paired.append(value / here)
                 trial = {k: v[-1:] for k, v in rows.items()}
-                print(f"{name}: {trial} (others {share.others:.1%})", file=sys.stderr)
+                print(f"{name}: {trial} (others {others:.1%})", file=sys.stderr)
                 if len(paired) >= opts.trials:
                     break
             local.close()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from kernels import read_bandwidth, time_matvec  # bench/kernels.py, run from bench/
+from kernels import bandwidth_array, time_matvec  # bench/kernels.py, run from bench/
 
 from mer.kernels import matmul as mm
 from mer.kernels.mm_gguf import KINDS
@@ -45,10 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
 
-    a = np.ones(1 << 27, np.uint64)  # 1 GiB: the bandwidth passes' array
-    bw = {t: read_bandwidth(a, t, max(3, args.repeat // 3)) for t in threads}
-    for t in threads:
-        print(f"memory read bandwidth, {t} thread(s): {bw[t]:.1f} GB/s")
+    a = bandwidth_array(threads, args.repeat)
     rng = np.random.default_rng(0)
     rows = []
     for n_out, k_in in SHAPES:
